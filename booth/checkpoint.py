@@ -1,0 +1,497 @@
+"""Reading and writing Stable Diffusion v1 weights in every format users have.
+
+- single-file `.safetensors` (validated before its header is trusted) and `.ckpt`/`.pt` pickles (loaded with
+  `torch.load(weights_only=True)`: a pickle that needs code to load is refused, never run);
+- diffusers folders (`model_index.json`, `unet/`, `vae/`, `text_encoder/`), renamed to the CompVis layout by a
+  small table of prefix rules.
+
+Everything comes out as a state dict in the `LatentDiffusion` layout plus the `ModelConfig` it needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .atomic import atomic_path
+from .config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
+from .errors import BoothError
+
+UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+CONFIG_KEY = "booth.config"  # safetensors metadata entry holding a booth-written file's ModelConfig
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+# Keys of CompVis checkpoints that are not weights of the three networks.
+_SCHEDULE_BUFFERS = {
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "logvar", "lvlb_weights",
+}  # fmt: skip
+_SAFETENSORS_DTYPES = {
+    "F64",
+    "F32",
+    "F16",
+    "BF16",
+    "I64",
+    "I32",
+    "I16",
+    "I8",
+    "U8",
+    "BOOL",
+    "F8_E4M3",
+    "F8_E5M2",
+}
+
+
+@dataclass
+class Checkpoint:
+    """Weights in the LatentDiffusion layout, still in the file's dtype."""
+
+    path: Path
+    config: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem if self.path.is_file() else self.path.name
+
+
+# ----------------------------------------------------------------------------- single files
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and `__metadata__` of a safetensors file, after checking the header against the file size."""
+    from safetensors import safe_open
+
+    header = safetensors_header(path)
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f}
+    return tensors, header.get("__metadata__") or {}
+
+
+def safetensors_header(path: Path) -> dict:
+    """The parsed JSON header; BoothError if the file is not a complete safetensors file."""
+    size = path.stat().st_size
+    bad = f"{path} is not a valid safetensors file"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise BoothError(f"{bad} (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100 << 20):
+            raise BoothError(f"{bad} (header length {n} does not fit in a {size}-byte file)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BoothError(f"{bad} (unreadable header: {e})") from None
+    if not isinstance(header, dict):
+        raise BoothError(f"{bad} (header is not a JSON object)")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or info.get("dtype") not in _SAFETENSORS_DTYPES:
+            raise BoothError(f"{bad} (bad entry for {name!r})")
+        end = max(end, int(info["data_offsets"][1]))
+    if 8 + n + end > size:
+        raise BoothError(f"{path} is truncated: its header needs {8 + n + end} bytes, the file has {size}")
+    return header
+
+
+def read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """A `.ckpt`/`.pt`/`.bin` pickle, loaded with weights_only=True so no code in it can run."""
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # legacy (pre-zip) pickles cannot be memory-mapped; read them plainly
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BoothError(
+            f"refusing to load {path}: it is a pickle that needs code to run ({first[:200]}); "
+            "booth only loads plain tensors from .ckpt files. Use a .safetensors version of this model"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise BoothError(f"{path} is not a readable checkpoint ({_first_line(e)})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise BoothError(f"{path} does not hold a state dict of tensors")
+    return obj
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
+def to_layout(
+    sd: dict[str, torch.Tensor], ema: bool = False, source: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
+    """Normalise a single-file state dict to the LatentDiffusion layout: drop non-weights, pick EMA or not,
+    insert the `text_model.` level that some old files lack, and reshape linear VAE attention weights."""
+    if any(k.startswith(("conditioner.embedders", "cond_stage_model.model.")) for k in sd):
+        raise BoothError(
+            f"{source} is an SDXL or SD2 checkpoint; booth supports Stable Diffusion 1.x for now"
+        )
+    out = {}
+    for k, v in sd.items():
+        if k in _SCHEDULE_BUFFERS or k.startswith("model_ema.") or k.endswith("position_ids"):
+            continue
+        if k.startswith(TEXT) and not k.startswith(TEXT + "text_model."):
+            k = TEXT + "text_model." + k[len(TEXT) :]
+        if k.startswith(VAE) and re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$", k) and v.ndim == 2:
+            v = v[:, :, None, None]
+        out[k] = v
+    if ema:
+        _use_ema(out, sd, source)
+    return out
+
+
+def _use_ema(out: dict, sd: dict, source: str) -> None:
+    flat = {k[len("model_ema.") :]: v for k, v in sd.items() if k.startswith("model_ema.")}
+    unet_keys = [k for k in out if k.startswith(UNET)]
+    missing = [k for k in unet_keys if k[len("model.") :].replace(".", "") not in flat]
+    if len(flat) < 2 or missing:
+        raise BoothError(
+            f"--ema was given but {source} has no (complete) model_ema.* weights; "
+            "it is probably an EMA-only file already (like v1-5-pruned-emaonly): drop --ema"
+        )
+    for k in unet_keys:
+        out[k] = flat[k[len("model.") :].replace(".", "")]
+
+
+# ----------------------------------------------------------------------------- config from shapes
+
+
+def infer_config(sd: dict[str, torch.Tensor]) -> ModelConfig:
+    """Recover the ModelConfig from tensor shapes (as ComfyUI does). Head counts are not visible in shapes:
+    SD1 conventions are used (8 UNet heads, CLIP heads of width 64)."""
+    try:
+        return ModelConfig(unet=_infer_unet(sd), vae=_infer_vae(sd), clip=_infer_clip(sd))
+    except KeyError as e:
+        raise BoothError(f"not a Stable Diffusion 1.x checkpoint: no weight {e.args[0]}") from None
+
+
+def _indices(sd: dict, prefix: str) -> list[int]:
+    found = {int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+    return sorted(found)
+
+
+def _infer_unet(sd: dict) -> UNetConfig:
+    p = UNET
+    conv_in = sd[p + "input_blocks.0.0.weight"]
+    mc = conv_in.shape[0]
+    mults, attn, level, n_res = [], [], 0, 0
+    for i in _indices(sd, p + "input_blocks.")[1:]:
+        if p + f"input_blocks.{i}.0.op.weight" in sd:
+            level += 1
+            continue
+        if level == len(mults):
+            mults.append(sd[p + f"input_blocks.{i}.0.in_layers.2.weight"].shape[0] // mc)
+            n_res = 0
+        n_res += 1
+        if p + f"input_blocks.{i}.1.proj_in.weight" in sd and 2**level not in attn:
+            attn.append(2**level)
+    tb = p + "middle_block.1.transformer_blocks."
+    return UNetConfig(
+        in_channels=conv_in.shape[1],
+        out_channels=sd[p + "out.2.weight"].shape[0],
+        model_channels=mc,
+        channel_mult=tuple(mults),
+        num_res_blocks=n_res,
+        attention_resolutions=tuple(attn),
+        transformer_depth=len(_indices(sd, tb)),
+        context_dim=sd[tb + "0.attn2.to_k.weight"].shape[1],
+    )
+
+
+def _infer_vae(sd: dict) -> VAEConfig:
+    p = VAE + "encoder."
+    ch = sd[p + "conv_in.weight"].shape[0]
+    levels = _indices(sd, p + "down.")
+    return VAEConfig(
+        in_channels=sd[p + "conv_in.weight"].shape[1],
+        out_ch=sd[VAE + "decoder.conv_out.weight"].shape[0],
+        ch=ch,
+        ch_mult=tuple(sd[p + f"down.{i}.block.0.conv1.weight"].shape[0] // ch for i in levels),
+        num_res_blocks=len(_indices(sd, p + "down.0.block.")),
+        z_channels=sd[VAE + "decoder.conv_in.weight"].shape[1],
+        embed_dim=sd[VAE + "post_quant_conv.weight"].shape[1],
+    )
+
+
+def _infer_clip(sd: dict) -> CLIPConfig:
+    p = TEXT + "text_model."
+    vocab, width = sd[p + "embeddings.token_embedding.weight"].shape
+    return CLIPConfig(
+        vocab_size=vocab,
+        width=width,
+        layers=len(_indices(sd, p + "encoder.layers.")),
+        heads=max(1, width // 64),
+        intermediate=sd[p + "encoder.layers.0.mlp.fc1.weight"].shape[0],
+        max_positions=sd[p + "embeddings.position_embedding.weight"].shape[0],
+    )
+
+
+# ----------------------------------------------------------------------------- diffusers folders
+
+_RESNET = {"in_layers.0.": "norm1.", "in_layers.2.": "conv1.", "emb_layers.1.": "time_emb_proj.",
+           "out_layers.0.": "norm2.", "out_layers.3.": "conv2.", "skip_connection.": "conv_shortcut."}  # fmt: skip
+_VAE_RESNET = {"nin_shortcut.": "conv_shortcut."}
+_VAE_ATTN = {"norm.": "group_norm.", "q.": "to_q.", "k.": "to_k.", "v.": "to_v.", "proj_out.": "to_out.0."}
+# Names of diffusers releases before 0.14 for the VAE attention.
+_OLD_VAE_ATTN = {"query.": "to_q.", "key.": "to_k.", "value.": "to_v.", "proj_attn.": "to_out.0."}
+
+
+def diffusers_rules(cfg: ModelConfig) -> list[tuple[str, str, dict[str, str]]]:
+    """(our prefix, diffusers prefix, renames of what follows the prefix), most specific first."""
+    rules = _unet_rules(cfg.unet) + _vae_rules(cfg.vae)
+    rules.append((TEXT + "text_model.", "text_encoder:text_model.", {}))
+    return rules
+
+
+def _unet_rules(u: UNetConfig) -> list:
+    P, n, levels = UNET, u.num_res_blocks, len(u.channel_mult)
+    r = [(P + "time_embed.0.", "unet:time_embedding.linear_1.", {}), (P + "time_embed.2.", "unet:time_embedding.linear_2.", {}),
+         (P + "input_blocks.0.0.", "unet:conv_in.", {}), (P + "out.0.", "unet:conv_norm_out.", {}),
+         (P + "out.2.", "unet:conv_out.", {}), (P + "middle_block.0.", "unet:mid_block.resnets.0.", _RESNET),
+         (P + "middle_block.1.", "unet:mid_block.attentions.0.", {}),
+         (P + "middle_block.2.", "unet:mid_block.resnets.1.", _RESNET)]  # fmt: skip
+    for i in range(levels):
+        has_attn = 2**i in u.attention_resolutions
+        for j in range(n):
+            b = f"{P}input_blocks.{1 + i * (n + 1) + j}."
+            r.append((b + "0.", f"unet:down_blocks.{i}.resnets.{j}.", _RESNET))
+            if has_attn:
+                r.append((b + "1.", f"unet:down_blocks.{i}.attentions.{j}.", {}))
+        if i < levels - 1:
+            r.append(
+                (
+                    f"{P}input_blocks.{(i + 1) * (n + 1)}.0.op.",
+                    f"unet:down_blocks.{i}.downsamplers.0.conv.",
+                    {},
+                )
+            )
+        up, up_attn = (
+            levels - 1 - i,
+            2 ** (levels - 1 - i) in u.attention_resolutions,
+        )  # diffusers counts upward
+        for j in range(n + 1):
+            b = f"{P}output_blocks.{i * (n + 1) + j}."
+            r.append((b + "0.", f"unet:up_blocks.{i}.resnets.{j}.", _RESNET))
+            if up_attn:
+                r.append((b + "1.", f"unet:up_blocks.{i}.attentions.{j}.", {}))
+        if up:
+            b = f"{P}output_blocks.{i * (n + 1) + n}.{2 if up_attn else 1}."
+            r.append((b, f"unet:up_blocks.{i}.upsamplers.0.", {}))
+    return r
+
+
+def _vae_rules(v: VAEConfig) -> list:
+    levels, r = len(v.ch_mult), []
+    for part in ("encoder", "decoder"):
+        p, d = f"{VAE}{part}.", f"vae:{part}."
+        r += [(p + "norm_out.", d + "conv_norm_out.", {}), (p + "mid.block_1.", d + "mid_block.resnets.0.", _VAE_RESNET),
+              (p + "mid.block_2.", d + "mid_block.resnets.1.", _VAE_RESNET),
+              (p + "mid.attn_1.", d + "mid_block.attentions.0.", _VAE_ATTN)]  # fmt: skip
+    for i in range(levels):
+        r.append((f"{VAE}encoder.down.{i}.block.", f"vae:encoder.down_blocks.{i}.resnets.", _VAE_RESNET))
+        r.append((f"{VAE}encoder.down.{i}.downsample.", f"vae:encoder.down_blocks.{i}.downsamplers.0.", {}))
+        up = levels - 1 - i
+        r.append((f"{VAE}decoder.up.{up}.block.", f"vae:decoder.up_blocks.{i}.resnets.", _VAE_RESNET))
+        r.append((f"{VAE}decoder.up.{up}.upsample.", f"vae:decoder.up_blocks.{i}.upsamplers.0.", {}))
+    r.append((VAE, "vae:", {}))  # conv_in, conv_out, quant_conv, post_quant_conv keep their names
+    return r
+
+
+def diffusers_name(key: str, rules: list) -> str:
+    """Our key -> 'component:diffusers key'."""
+    for ours, theirs, renames in rules:
+        if key.startswith(ours):
+            return theirs + _rename(key[len(ours) :], renames)
+    raise KeyError(key)
+
+
+def _rename(rest: str, renames: dict[str, str]) -> str:
+    # Block-list rules (`...block.`) leave `j.` in front of the layer name.
+    m = re.match(r"(\d+\.)?(.*)", rest)
+    index, tail = m.group(1) or "", m.group(2)
+    for old, new in renames.items():
+        if tail.startswith(old):
+            return index + new + tail[len(old) :]
+    return rest
+
+
+def read_diffusers(folder: Path) -> Checkpoint:
+    """A diffusers-format folder as a Checkpoint in the CompVis layout."""
+    from .model import build
+
+    cfg = diffusers_config(folder)
+    parts = {name: _read_component(folder / name) for name in ("unet", "vae", "text_encoder")}
+    for old, new in _OLD_VAE_ATTN.items():
+        parts["vae"] = {
+            k.replace(f".attentions.0.{old}", f".attentions.0.{new}"): v for k, v in parts["vae"].items()
+        }
+    if not any(k.startswith("text_model.") for k in parts["text_encoder"]):  # newer transformers flatten it
+        parts["text_encoder"] = {"text_model." + k: v for k, v in parts["text_encoder"].items()}
+    rules, sd, missing = diffusers_rules(cfg), {}, []
+    for key, meta in build(cfg).state_dict().items():
+        component, name = diffusers_name(key, rules).split(":", 1)
+        t = parts[component].get(name)
+        if t is None:
+            missing.append(f"{component}/{name}")
+            continue
+        sd[key] = t.reshape(meta.shape) if t.shape != meta.shape and t.numel() == meta.numel() else t
+    if missing:
+        raise BoothError(f"{folder} is missing {len(missing)} weights the SD1 model needs, e.g. {missing[0]}")
+    return Checkpoint(folder, cfg, sd, {})
+
+
+def _read_component(folder: Path) -> dict[str, torch.Tensor]:
+    stems = ("diffusion_pytorch_model", "model")
+    for suffix in (".safetensors", ".fp16.safetensors", ".bin", ".fp16.bin"):
+        for stem in stems:
+            f = folder / (stem + suffix)
+            if f.is_file():
+                return read_safetensors(f)[0] if suffix.endswith(".safetensors") else read_pickle(f)
+    raise BoothError(
+        f"no weights found in {folder} (expected diffusion_pytorch_model.safetensors or model.safetensors)"
+    )
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BoothError(f"{path} is missing; is {path.parent.parent} a complete diffusers folder?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BoothError(f"{path} is not valid JSON ({e})") from None
+
+
+def diffusers_config(folder: Path) -> ModelConfig:
+    u, v, t = (_json(folder / c / "config.json") for c in ("unet", "vae", "text_encoder"))
+    if u.get("use_linear_projection") or (u.get("cross_attention_dim") or 768) != t.get("hidden_size", 768):
+        raise BoothError(f"{folder} is not a Stable Diffusion 1.x model (SD2/SDXL are not supported yet)")
+    boc = u["block_out_channels"]
+    heads = u.get("attention_head_dim", 8)  # diffusers' SD1 configs store the head *count* here
+    depth = u.get("transformer_layers_per_block", 1)
+    unet = UNetConfig(
+        in_channels=u.get("in_channels", 4),
+        out_channels=u.get("out_channels", 4),
+        model_channels=boc[0],
+        channel_mult=tuple(c // boc[0] for c in boc),
+        num_res_blocks=u.get("layers_per_block", 2),
+        attention_resolutions=tuple(2**i for i, b in enumerate(u["down_block_types"]) if "CrossAttn" in b),
+        num_heads=heads if isinstance(heads, int) else heads[0],
+        transformer_depth=depth if isinstance(depth, int) else depth[0],
+        context_dim=u.get("cross_attention_dim", 768),
+    )
+    vboc = v["block_out_channels"]
+    vae = VAEConfig(
+        in_channels=v.get("in_channels", 3),
+        out_ch=v.get("out_channels", 3),
+        ch=vboc[0],
+        ch_mult=tuple(c // vboc[0] for c in vboc),
+        num_res_blocks=v.get("layers_per_block", 2),
+        z_channels=v.get("latent_channels", 4),
+        embed_dim=v.get("latent_channels", 4),
+    )
+    clip = CLIPConfig(
+        vocab_size=t.get("vocab_size", 49408),
+        width=t["hidden_size"],
+        layers=t["num_hidden_layers"],
+        heads=t["num_attention_heads"],
+        intermediate=t["intermediate_size"],
+        max_positions=t.get("max_position_embeddings", 77),
+        act=t.get("hidden_act", "quick_gelu"),
+    )
+    return ModelConfig(unet=unet, vae=vae, clip=clip, scale_factor=v.get("scaling_factor", 0.18215))
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def read_checkpoint(path: str | os.PathLike, ema: bool = False) -> Checkpoint:
+    """Any supported local file or folder -> Checkpoint (weights in the file's dtype, CompVis layout)."""
+    path = Path(path)
+    if not path.exists():
+        raise BoothError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
+            raise BoothError(f"{path} is a folder but not a diffusers model (no model_index.json)")
+        if ema:
+            raise BoothError(
+                "--ema applies to single-file checkpoints; diffusers folders hold one set of weights"
+            )
+        return read_diffusers(path)
+    try:
+        if path.suffix == ".safetensors":
+            raw, meta = read_safetensors(path)
+        elif path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+            raw, meta = read_pickle(path), {}
+        else:
+            raise BoothError(
+                f"unknown checkpoint format {path.suffix!r} ({path}); use .safetensors, .ckpt or a diffusers folder"
+            )
+    except PermissionError:
+        raise BoothError(f"cannot read {path}: permission denied") from None
+    sd = to_layout(raw, ema=ema, source=str(path))
+    cfg = ModelConfig.from_json(meta[CONFIG_KEY]) if CONFIG_KEY in meta else infer_config(sd)
+    return Checkpoint(path, cfg, sd, meta)
+
+
+def save_checkpoint(sd: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None,
+                    config: ModelConfig | None = None, dtype: torch.dtype | None = None) -> None:  # fmt: skip
+    """Write a single-file `.safetensors` checkpoint atomically; `config` goes into the header metadata."""
+    from safetensors.torch import save_file
+
+    meta = dict(metadata or {})
+    if config is not None:
+        meta[CONFIG_KEY] = config.to_json()
+    tensors = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+        for k, v in sd.items()
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    """AUTOMATIC1111's 'Model hash': the first 10 hex digits of the file's SHA-256, cached by size and mtime."""
+    path = Path(path)
+    real = path.resolve()
+    if re.fullmatch(r"[0-9a-f]{64}", real.name) and real.parent.name == "blobs":
+        return real.name[:10]  # the Hugging Face cache names blobs by their SHA-256 already
+    st = real.stat()
+    cache_file = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "booth" / "hashes.json"
+    key = f"{real}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        h = hashlib.sha256()
+        with open(real, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        cache[key] = h.hexdigest()
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(cache_file) as tmp:
+                tmp.write_text(json.dumps(cache))
+        except OSError:
+            pass  # a read-only home only costs re-hashing next time
+    return cache[key][:10]

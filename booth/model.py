@@ -1,0 +1,55 @@
+"""The whole Stable Diffusion v1 model in the CompVis `LatentDiffusion` layout.
+
+`model.diffusion_model` (UNet), `first_stage_model` (VAE) and `cond_stage_model.transformer` (CLIP text
+encoder) are exactly the prefixes of SD1 single-file checkpoints, so `state_dict()` of this module *is* a
+checkpoint other Stable Diffusion tools load, and such a checkpoint loads here with `strict=True`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .clip import CLIPTextModel
+from .config import ModelConfig
+from .unet import UNetModel
+from .vae import AutoencoderKL
+
+
+class LatentDiffusion(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.Module()  # CompVis DiffusionWrapper
+        self.model.diffusion_model = UNetModel(cfg.unet)
+        self.first_stage_model = AutoencoderKL(cfg.vae)
+        self.cond_stage_model = nn.Module()  # CompVis FrozenCLIPEmbedder
+        self.cond_stage_model.transformer = CLIPTextModel(cfg.clip)
+
+    @property
+    def unet(self) -> UNetModel:
+        return self.model.diffusion_model
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self.first_stage_model
+
+    @property
+    def text_encoder(self) -> CLIPTextModel:
+        return self.cond_stage_model.transformer
+
+
+def build(
+    cfg: ModelConfig, device: str | torch.device = "meta", dtype: torch.dtype | None = None
+) -> LatentDiffusion:
+    """Build the module tree; on the meta device (the default) no memory is allocated and nothing is initialised,
+    ready for `load_state_dict(..., assign=True)`."""
+    with torch.device(device):
+        model = LatentDiffusion(cfg)
+    return model.to(dtype) if dtype is not None else model
+
+
+def random_weights(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> LatentDiffusion:
+    """A model with PyTorch's default random initialisation (tests, benchmarks)."""
+    torch.manual_seed(seed)
+    return build(cfg, device="cpu", dtype=dtype)
