@@ -1,0 +1,98 @@
+"""Our text encoder, UNet and VAE against transformers/diffusers on the same random weights."""
+
+import pytest
+import torch
+from helpers import diffusers_unet, diffusers_vae, perturb_norms, transformers_clip
+
+from booth.config import SD1, TINY
+from booth.model import random_weights
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = random_weights(TINY, seed=0).eval()
+    perturb_norms(model)
+    return model
+
+
+def close(a, b, tol=1e-4):
+    scale = b.abs().max().clamp(min=1.0)
+    assert (a - b).abs().max() <= tol * scale, f"max diff {(a - b).abs().max()} (scale {scale})"
+
+
+def check_unet(model, size=8, batch=2, seq=77):
+    torch.manual_seed(1)
+    x = torch.randn(batch, 4, size, size)
+    t = torch.tensor([999.0, 17.5])[:batch]
+    ctx = torch.randn(batch, seq, model.config.unet.context_dim)
+    ref = diffusers_unet(model)
+    with torch.no_grad():
+        close(model.unet(x, t, ctx), ref(x, t, encoder_hidden_states=ctx).sample)
+
+
+def check_vae(model, size=32):
+    torch.manual_seed(2)
+    img = torch.rand(1, 3, size, size) * 2 - 1
+    ref = diffusers_vae(model)
+    with torch.no_grad():
+        mean, logvar = model.vae.encode(img)
+        post = ref.encode(img).latent_dist
+        close(mean, post.mean)
+        close(logvar, post.logvar)
+        z = torch.randn_like(mean)
+        close(model.vae.decode(z), ref.decode(z).sample)
+
+
+def check_clip(model):
+    ids = torch.randint(0, model.config.clip.vocab_size, (2, 77))
+    ref = transformers_clip(model)
+    with torch.no_grad():
+        out = ref(ids, output_hidden_states=True)
+        close(model.text_encoder(ids), out.last_hidden_state)
+        # clip skip 2: penultimate layer, then the final norm
+        final_norm = getattr(ref, "text_model", ref).final_layer_norm  # transformers 5 flattened it
+        skip2 = final_norm(out.hidden_states[-2])
+        close(model.text_encoder(ids, clip_skip=2), skip2)
+
+
+def test_unet_matches_diffusers(tiny):
+    check_unet(tiny)
+
+
+def test_unet_odd_latent_size_matches_diffusers(tiny):
+    check_unet(tiny, size=9, batch=1)
+
+
+def test_vae_matches_diffusers(tiny):
+    check_vae(tiny)
+
+
+def test_clip_matches_transformers(tiny):
+    check_clip(tiny)
+
+
+def test_chunked_encoding_is_per_chunk(tiny):
+    ids = torch.randint(0, 49408, (2, 154))
+    with torch.no_grad():
+        both = tiny.text_encoder.encode_chunks(ids)
+        assert both.shape == (2, 154, 128)
+        close(both[:, 77:], tiny.text_encoder(ids[:, 77:]))
+
+
+def test_sd1_shapes_and_parameter_counts():
+    from booth.model import build
+
+    m = build(SD1)  # meta device: no memory
+    count = lambda mod: sum(p.numel() for p in mod.parameters())
+    assert count(m.unet) == 859_520_964
+    assert round(count(m.vae.encoder) / 1e6, 2) == 34.16
+    assert round(count(m.vae.decoder) / 1e6, 2) == 49.49
+    assert all(p.is_meta for p in m.parameters())
+
+
+@pytest.mark.slow
+def test_full_sd1_matches_references():
+    model = random_weights(SD1, seed=0).eval()
+    check_clip(model)
+    check_unet(model, size=8, batch=1)
+    check_vae(model, size=16)
