@@ -1,0 +1,270 @@
+"""Turn a model spec (local path, alias, Hugging Face repo, file or URL) into a local path.
+
+Downloads go through huggingface_hub, so they land in its normal cache (HF_HOME / HF_HUB_CACHE), show its
+own progress bars on stderr, and work offline once cached. huggingface_hub is imported lazily to keep
+`import booth` fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import re
+import shlex
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from urllib.parse import unquote, urlparse
+
+from booth.errors import BoothError
+
+ALIASES: dict[str, tuple[str, str | None]] = {
+    "sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors"),
+    "sd14": ("CompVis/stable-diffusion-v-1-4-original", "sd-v1-4.ckpt"),
+}
+DEFAULT_MODEL = "sd15"
+
+CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".bin")
+# The diffusers sub-models booth loads; anything else in a pipeline repo (safety_checker, ...) is skipped.
+COMPONENTS = ("unet", "vae", "text_encoder")
+# Small folders fetched whole when present; booth ships its own CLIP vocabulary, so they are optional.
+OPTIONAL_FOLDERS = ("tokenizer", "scheduler")
+# One weights file per component, best first: safetensors never run code on load, full precision before
+# the fp16 variant, pickles last.
+WEIGHTS_PREFERENCE = (
+    "diffusion_pytorch_model.safetensors",
+    "model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "model.fp16.safetensors",
+    "diffusion_pytorch_model.bin",
+    "pytorch_model.bin",
+    "diffusion_pytorch_model.fp16.bin",
+    "pytorch_model.fp16.bin",
+)
+
+_SEGMENT = r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?"  # one half of a Hub repo id
+_REPO_RE = re.compile(rf"{_SEGMENT}/{_SEGMENT}")
+_REPO_FILE_RE = re.compile(
+    rf"(?P<repo>{_SEGMENT}/{_SEGMENT})/(?P<path>[^\\]+(?:{'|'.join(map(re.escape, CHECKPOINT_EXTENSIONS))}))",
+    re.IGNORECASE,
+)
+_HUB_HOSTS = {"huggingface.co", "www.huggingface.co", "hf.co"}
+
+
+@dataclass(frozen=True)
+class HubTarget:
+    """What to fetch: one file of a repo, or (filename None) the diffusers folders booth needs."""
+
+    repo: str
+    filename: str | None = None
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        what = self.filename or "diffusers model"
+        return f"{self.repo}, {what}" + (f" @ {self.revision}" if self.revision else "")
+
+
+def resolve(spec: str) -> pathlib.Path:
+    """Return a local path for `spec`, downloading it into the Hugging Face cache if needed."""
+    target = parse(spec)
+    if isinstance(target, pathlib.Path):
+        return target
+    return _fetch(target, spec, command=shlex.quote(spec))
+
+
+def download(spec: str = DEFAULT_MODEL, filename: str | None = None) -> pathlib.Path:
+    """`booth download [ALIAS|REPO|URL [FILE]]`: fetch into the cache and return the local path."""
+    if filename is None:
+        return resolve(spec)
+    repo = ALIASES[spec][0] if spec in ALIASES else spec
+    if not _REPO_RE.fullmatch(repo):
+        raise BoothError(
+            f"with a FILE argument, the model must be an alias or a Hub repo OWNER/NAME, not {spec!r}"
+        )
+    command = f"{shlex.quote(spec)} {shlex.quote(filename)}"
+    return _fetch(HubTarget(repo, filename), spec, command)
+
+
+def describe(spec: str) -> str:
+    """One line saying what `spec` refers to, without touching the network."""
+    target = parse(spec)
+    if isinstance(target, pathlib.Path):
+        return f"local {'folder' if target.is_dir() else 'file'} {target}"
+    return f"Hugging Face Hub: {target}"
+
+
+def parse(spec: str) -> pathlib.Path | HubTarget:
+    """Apply the spec rules in order: existing path, alias, Hub URL, repo file, repo, missing path."""
+    local = pathlib.Path(spec).expanduser()
+    if spec and local.exists():
+        return local
+    if spec in ALIASES:
+        repo, filename = ALIASES[spec]
+        return HubTarget(repo, filename)
+    if spec.startswith(("http://", "https://")):
+        return _parse_url(spec)
+    if (match := _REPO_FILE_RE.fullmatch(spec)) and ".." not in match["path"].split("/"):
+        return HubTarget(match["repo"], match["path"])
+    if _REPO_RE.fullmatch(spec) and not _has_checkpoint_extension(spec):
+        return HubTarget(spec)
+    if _looks_like_path(spec):
+        raise BoothError(f"checkpoint not found: {spec}")
+    aliases = ", ".join(ALIASES)
+    raise BoothError(
+        f"unknown model {spec!r}: use an alias ({aliases}), a local checkpoint file or folder, "
+        "a Hugging Face repo OWNER/NAME, a file OWNER/NAME/FILE.safetensors, or a huggingface.co URL"
+    )
+
+
+def diffusers_files(names: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Pick the files booth needs from a diffusers repo listing: (chosen, missing requirements)."""
+    names = set(names)
+    chosen, missing = [], []
+    for required in ["model_index.json", *(f"{c}/config.json" for c in COMPONENTS)]:
+        (chosen if required in names else missing).append(required)
+    for component in COMPONENTS:
+        candidates = [f"{component}/{w}" for w in WEIGHTS_PREFERENCE if f"{component}/{w}" in names]
+        if candidates:
+            chosen.append(candidates[0])
+        else:
+            missing.append(f"{component} weights")
+    chosen += sorted(n for n in names if n.count("/") == 1 and n.split("/")[0] in OPTIONAL_FOLDERS)
+    return chosen, missing
+
+
+def _has_checkpoint_extension(spec: str) -> bool:
+    return spec.lower().endswith((*CHECKPOINT_EXTENSIONS, ".pth"))
+
+
+def _looks_like_path(spec: str) -> bool:
+    separators = [s for s in (os.sep, os.altsep, "/") if s]
+    return (
+        spec.startswith((".", "/", "~"))
+        or any(s in spec for s in separators)
+        or _has_checkpoint_extension(spec)
+    )
+
+
+def _parse_url(url: str) -> HubTarget:
+    """https://huggingface.co/OWNER/NAME/(blob|resolve)/REV/PATH -> that file at that revision."""
+    parsed = urlparse(url)
+    # Split before unquoting so an encoded revision like refs%2Fpr%2F1 stays one segment.
+    parts = [unquote(p) for p in parsed.path.split("/") if p]
+    if parsed.hostname not in _hub_hosts() or len(parts) < 5 or parts[2] not in ("blob", "resolve"):
+        raise BoothError(
+            f"unsupported URL {url}: expected https://huggingface.co/OWNER/NAME/resolve/REVISION/FILE"
+        )
+    return HubTarget(f"{parts[0]}/{parts[1]}", "/".join(parts[4:]), parts[3])
+
+
+def _hub_hosts() -> set[str]:
+    # A mirror set through HF_ENDPOINT serves the same URL layout, so accept its links too.
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "")).hostname
+    return _HUB_HOSTS | ({endpoint} if endpoint else set())
+
+
+def _fetch(target: HubTarget, spec: str, command: str) -> pathlib.Path:
+    with _hub_errors(target, spec, command):
+        if target.filename is None:
+            return _fetch_diffusers(target.repo)
+        from huggingface_hub import hf_hub_download
+
+        return pathlib.Path(hf_hub_download(target.repo, target.filename, revision=target.revision))
+
+
+def _fetch_diffusers(repo: str) -> pathlib.Path:
+    """Download only what booth loads from a diffusers repo; offline, use the cached snapshot."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        info = HfApi().model_info(repo)
+    except Exception as error:
+        if not _is_unreachable(error):
+            raise
+        return _cached_diffusers(repo)
+    chosen, missing = diffusers_files(s.rfilename for s in info.siblings or [])
+    if missing:
+        raise BoothError(_not_diffusers_message(repo, missing, [s.rfilename for s in info.siblings or []]))
+    return pathlib.Path(snapshot_download(repo, allow_patterns=chosen))
+
+
+def _cached_diffusers(repo: str) -> pathlib.Path:
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    index = try_to_load_from_cache(repo, "model_index.json")
+    if isinstance(index, str):
+        folder = pathlib.Path(index).parent
+        names = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+        if not diffusers_files(names)[1]:
+            return folder
+    # Raised as huggingface_hub's own "not in cache" error so _hub_errors words it like the file case.
+    raise LocalEntryNotFoundError(f"{repo} is not (fully) in the local cache")
+
+
+def _is_unreachable(error: Exception) -> bool:
+    """Offline mode, a network failure or a Hub outage: the cases where the local cache should answer."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(error, HfHubHTTPError):
+        return error.response is not None and error.response.status_code >= 500
+    # OfflineModeIsEnabled and requests' errors are OSErrors; httpx-based versions raise TransportError.
+    transport = tuple(m.TransportError for name in ("httpx2", "httpx") if (m := sys.modules.get(name)))
+    return isinstance(error, (OSError, *transport))
+
+
+def _not_diffusers_message(repo: str, missing: list[str], names: list[str]) -> str:
+    checkpoints = [n for n in names if _has_checkpoint_extension(n) and "/" not in n]
+    hint = f"; its checkpoint files: {', '.join(checkpoints)}" if checkpoints else ""
+    return (
+        f"{repo} is not a diffusers-format Stable Diffusion repo (no {', '.join(missing)}); "
+        f"name a single checkpoint file instead, e.g. {repo}/FILE.safetensors{hint}"
+    )
+
+
+@contextlib.contextmanager
+def _hub_errors(target: HubTarget, spec: str, command: str) -> Iterator[None]:
+    """Turn huggingface_hub exceptions into one-line BoothErrors that say what to do next."""
+    from huggingface_hub import constants
+    from huggingface_hub import errors as hf
+
+    login = "run `hf auth login` (or set HF_TOKEN)"
+    try:
+        yield
+    except hf.GatedRepoError as e:
+        raise BoothError(
+            f"{target.repo} is gated: accept its licence on https://huggingface.co/{target.repo} and {login}"
+        ) from e
+    except hf.RepositoryNotFoundError as e:
+        # A typo'd local path can parse as a repo id, so say both were tried.
+        local = (
+            "" if spec in ALIASES or spec.startswith(("http://", "https://")) else " (nor as a local path)"
+        )
+        raise BoothError(
+            f"model {spec!r}: repository {target.repo} not found on the Hugging Face Hub{local}; "
+            f"check the name, or if it is private {login}"
+        ) from e
+    except hf.RevisionNotFoundError as e:
+        raise BoothError(
+            f"revision {target.revision!r} not found in {target.repo} on the Hugging Face Hub"
+        ) from e
+    except hf.LocalEntryNotFoundError as e:  # before EntryNotFoundError, its base class
+        offline = "offline mode is on (HF_HUB_OFFLINE=1)"
+        reason = offline if constants.HF_HUB_OFFLINE else "the Hugging Face Hub cannot be reached"
+        raise BoothError(
+            f"model {spec!r} ({target}) is not downloaded and {reason}; "
+            f"run `booth download {command}` on a machine with internet access "
+            "(or set HF_HOME to a cache that has it), or pass -c with a local checkpoint file"
+        ) from e
+    except hf.EntryNotFoundError as e:
+        raise BoothError(
+            f"file {target.filename} not found in {target.repo} on the Hugging Face Hub; "
+            f"check the name on https://huggingface.co/{target.repo}/tree/{target.revision or 'main'}"
+        ) from e
+    except hf.HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status in (401, 403):
+            raise BoothError(f"access to {target.repo} denied (HTTP {status}); {login}") from e
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BoothError(f"Hugging Face Hub error for {target}: {first_line}") from e
