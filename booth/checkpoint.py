@@ -75,7 +75,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
     header = safetensors_header(path)
     with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     return tensors, header.get("__metadata__") or {}
 
 
@@ -451,6 +451,32 @@ def read_checkpoint(path: str | os.PathLike, ema: bool = False) -> Checkpoint:
     sd = to_layout(raw, ema=ema, source=str(path))
     cfg = ModelConfig.from_json(meta[CONFIG_KEY]) if CONFIG_KEY in meta else infer_config(sd)
     return Checkpoint(path, cfg, sd, meta)
+
+
+def load_model(
+    ckpt: Checkpoint, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, into=None
+):
+    """Checkpoint -> LatentDiffusion in eval mode on `device`. The modules are built on the meta device and take
+    the checkpoint's tensors as they are (assign=True): no random init, no second copy of the weights.
+    With `into` (a model of the same config), the weights are copied into its existing tensors instead."""
+    from .model import build
+
+    model = into if into is not None else build(ckpt.config)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in ckpt.state_dict]
+    unexpected = [k for k in ckpt.state_dict if k not in expected]
+    wrong = [k for k, v in expected.items() if k in ckpt.state_dict and ckpt.state_dict[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        what = [f"{len(x)} {label} (e.g. {x[0]})" for x, label in
+                ((missing, "missing"), (unexpected, "unexpected"), (wrong, "wrongly shaped")) if x]  # fmt: skip
+        raise BoothError(
+            f"{ckpt.path} is not a Stable Diffusion 1.x checkpoint booth can load: {'; '.join(what)} weights"
+        )
+    if into is not None:
+        into.load_state_dict(ckpt.state_dict, strict=True)
+        return into
+    model.load_state_dict(ckpt.state_dict, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def save_checkpoint(sd: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None,

@@ -87,3 +87,65 @@ def perturb_norms(model: torch.nn.Module, seed: int = 0) -> None:
         for name, p in model.named_parameters():
             if "norm" in name or p.abs().sum() == 0:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> character table, written out independently of booth's."""
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + k) for k, b in enumerate(moved)}}
+
+
+def clip_merges() -> list[str]:
+    import gzip
+
+    from booth.tokenizer import _DEFAULT_BPE
+
+    with gzip.open(_DEFAULT_BPE, "rt", encoding="utf-8") as f:
+        return f.read().split("\n")[1:48895]  # line 0 is a header; CLIP used 48,894 merges
+
+
+def clip_vocab() -> dict[str, int]:
+    """CLIP's vocabulary derived from the shipped merges file (what openai/clip-vit-large-patch14 ships)."""
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in clip_merges()]
+    return {t: i for i, t in enumerate([*tokens, "<|startoftext|>", "<|endoftext|>"])}
+
+
+def write_clip_tokenizer(folder) -> None:
+    """vocab.json + merges.txt as in a diffusers `tokenizer/` folder."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *clip_merges()]) + "\n", encoding="utf-8")
+    (folder / "vocab.json").write_text(json.dumps(clip_vocab()), encoding="utf-8")
+
+
+def transformers_tokenizer(folder):
+    from transformers import CLIPTokenizer
+
+    write_clip_tokenizer(folder)
+    special = dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    return CLIPTokenizer.from_pretrained(folder, unk_token="<|endoftext|>", model_max_length=77, **special)
+
+
+SD_SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+)  # fmt: skip
+
+
+def diffusers_pipeline(model: LatentDiffusion, tmp, img2img: bool = False):
+    """diffusers' own SD pipeline on booth's weights, with the SD1.5 DDIM scheduler."""
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+    pipe = cls(
+        vae=diffusers_vae(model), text_encoder=transformers_clip(model), tokenizer=transformers_tokenizer(tmp),
+        unet=diffusers_unet(model), scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

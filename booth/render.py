@@ -1,0 +1,122 @@
+"""Turning a generation job into files: a run folder with args.yaml, prompt.txt, PNGs with metadata and, when
+several checkpoints are compared, a grid. Used by the CLI (and by anything else that renders to disk)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from PIL import Image
+from tqdm import tqdm
+
+from . import __version__
+from .atomic import write_text
+from .checkpoint import file_hash, load_model, read_checkpoint
+from .errors import BoothError
+from .images import grid, infotext, save_png
+from .pipeline import SAMPLER_NAMES, SCHEDULE_NAMES, Settings, StableDiffusion, steps_to_run
+
+
+@dataclass
+class Job:
+    prompt: str
+    negative_prompt: str
+    settings: Settings
+    seed: int
+    count: int = 1
+    batch_size: int = 1
+    image: Image.Image | None = None  # img2img when set
+    strength: float | None = None
+    ema: bool = False
+
+    def batches(self) -> list[list[int]]:
+        seeds = [self.seed + i for i in range(self.count)]
+        return [seeds[i : i + self.batch_size] for i in range(0, self.count, self.batch_size)]
+
+
+def render(job: Job, models: Sequence[Path], run: Path, device: torch.device, dtype: torch.dtype,
+           args: dict | None = None) -> Iterator[Path]:  # fmt: skip
+    """Render `job` with each model into `run`; yields every image path as soon as it is written."""
+    record = {k: v for k, v in (args or {}).items() if k != "func"}
+    record.update(seed=job.seed, device=str(device), dtype=str(dtype).replace("torch.", ""),
+                  models=[str(m) for m in models], booth_version=__version__)  # fmt: skip
+    write_text(run / "args.yaml", yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
+    write_text(run / "prompt.txt", job.prompt + "\n")
+    rows, sd = [], None
+    for path in models:
+        sd = _load(path, job.ema, device, dtype, sd)
+        folder = run / "samples" / (path.stem if len(models) > 1 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        row = []
+        for image, out in _render_one(sd, job, folder, label=path.name if len(models) > 1 else None):
+            row.append(image)
+            yield out
+        rows.append(row)
+    if len(models) > 1:
+        yield save_png(grid(rows, [m.stem for m in models]), run / "grid.png")
+
+
+def _load(path: Path, ema: bool, device, dtype, previous: StableDiffusion | None) -> StableDiffusion:
+    ckpt = read_checkpoint(path, ema=ema)
+    model_hash = file_hash(path) if path.is_file() else None
+    if previous is not None and previous.config == ckpt.config:
+        # Comparing checkpoints of one model: copy the weights into the modules already on the device.
+        load_model(ckpt, into=previous.model)
+        previous.name, previous.model_hash = ckpt.name, model_hash
+        return previous
+    del previous  # free the old model before the new one is moved to the device
+    return StableDiffusion.from_checkpoint(ckpt, device, dtype, model_hash)
+
+
+def _render_one(
+    sd: StableDiffusion, job: Job, folder: Path, label: str | None
+) -> Iterator[tuple[Image.Image, Path]]:
+    s, index = job.settings, 0
+    per_batch = steps_to_run(s.steps, job.strength) if job.image is not None else s.steps
+    bar = tqdm(total=len(job.batches()) * per_batch, desc=label or "sampling", unit="step", file=sys.stderr,
+               dynamic_ncols=True, leave=False)  # fmt: skip
+    with bar, _out_of_memory_hint(s, job.batch_size):
+        for seeds in job.batches():
+            step = lambda info: bar.update(1)
+            if job.image is None:
+                images = sd.txt2img(job.prompt, job.negative_prompt, seeds, s, callback=step)
+            else:
+                images = sd.img2img(
+                    job.image, job.prompt, job.negative_prompt, seeds, job.strength, s, callback=step
+                )
+            for image, seed in zip(images, seeds):
+                out = save_png(image, folder / f"{index:04d}.png", _parameters(sd, job, seed))
+                index += 1
+                yield image, out
+
+
+def _parameters(sd: StableDiffusion, job: Job, seed: int) -> str:
+    s = job.settings
+    params = {
+        "Steps": s.steps, "Sampler": SAMPLER_NAMES[s.sampler], "Schedule type": SCHEDULE_NAMES[s.schedule],
+        "CFG scale": s.scale, "Seed": seed, "Size": f"{s.width}x{s.height}", "Model hash": sd.model_hash,
+        "Model": sd.name, "Denoising strength": job.strength if job.image is not None else None,
+        "Eta": s.eta if s.sampler in ("ddim", "euler_a", "dpmpp_2m_sde") else None,
+        "Clip skip": s.clip_skip if s.clip_skip > 1 else None, "Version": f"booth {__version__}",
+    }  # fmt: skip
+    return infotext(job.prompt, job.negative_prompt, params)
+
+
+@contextlib.contextmanager
+def _out_of_memory_hint(s: Settings, batch: int):
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    hint = (f"out of memory generating {s.width}x{s.height} images in batches of {batch}: "
+            "use a smaller -b/--batch-size or --hw, or --precision fp16")  # fmt: skip
+    try:
+        yield
+    except oom:
+        raise BoothError(hint) from None
+    except RuntimeError as e:
+        if "out of memory" in str(e) or "can't allocate memory" in str(e):
+            raise BoothError(hint) from None
+        raise
