@@ -118,10 +118,16 @@ def read_pickle(path: Path) -> dict[str, torch.Tensor]:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # The weights-only unpickler names the global it refused; anything else is a damaged or foreign file.
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:
+            raise BoothError(
+                f"refusing to load {path}: it is a pickle that needs code to run ({found.group(1)}); booth loads "
+                "only plain tensors from .ckpt files, so get a .safetensors version of this model"
+            ) from None
+        reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip().startswith("Unsupported")), "")
         raise BoothError(
-            f"refusing to load {path}: it is a pickle that needs code to run ({first[:200]}); "
-            "booth only loads plain tensors from .ckpt files. Use a .safetensors version of this model"
+            f"{path} is not a readable checkpoint ({reason or 'not a weights-only pickle'})"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise BoothError(f"{path} is not a readable checkpoint ({_first_line(e)})") from None

@@ -24,6 +24,12 @@ class UNetConfig:
     transformer_depth: int = 1
     context_dim: int = 768
 
+    def __post_init__(self):
+        # One spelling per config, so configs read from different sources compare equal.
+        object.__setattr__(
+            self, "attention_resolutions", tuple(sorted(set(self.attention_resolutions), reverse=True))
+        )
+
 
 @dataclass(frozen=True)
 class VAEConfig:
