@@ -11,11 +11,16 @@ Everything comes out as a state dict in the `LatentDiffusion` layout plus the `M
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import math
 import os
 import pickle
+import pickletools
 import re
 import struct
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,19 +42,10 @@ _SCHEDULE_BUFFERS = {
     "logvar", "lvlb_weights",
 }  # fmt: skip
 _SAFETENSORS_DTYPES = {
-    "F64",
-    "F32",
-    "F16",
-    "BF16",
-    "I64",
-    "I32",
-    "I16",
-    "I8",
-    "U8",
-    "BOOL",
-    "F8_E4M3",
-    "F8_E5M2",
-}
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
 
 
 @dataclass
@@ -70,17 +66,27 @@ class Checkpoint:
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and `__metadata__` of a safetensors file, after checking the header against the file size."""
-    from safetensors import safe_open
+    """Tensors and `__metadata__` of a safetensors file, after checking the header against the file size.
 
-    header = safetensors_header(path)
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    Each tensor is read into its own buffer rather than memory-mapped: a mapped file stays resident until its
+    last tensor is freed, so converting an fp16 file to fp32 would briefly hold both copies."""
+    header, start = safetensors_header(path)
+    tensors = {}
+    with open(path, "rb") as f:
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            buf = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(start + begin)
+            if f.readinto(buf.numpy()) != end - begin:
+                raise BoothError(f"{path} is truncated (while reading {name})")
+            tensors[name] = buf.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
     return tensors, header.get("__metadata__") or {}
 
 
-def safetensors_header(path: Path) -> dict:
-    """The parsed JSON header; BoothError if the file is not a complete safetensors file."""
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """The parsed JSON header and where the data starts; BoothError unless it is a complete safetensors file."""
     size = path.stat().st_size
     bad = f"{path} is not a valid safetensors file"
     with open(path, "rb") as f:
@@ -100,30 +106,45 @@ def safetensors_header(path: Path) -> dict:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if not isinstance(info, dict) or info.get("dtype") not in _SAFETENSORS_DTYPES:
+        if not _valid_entry(info):
             raise BoothError(f"{bad} (bad entry for {name!r})")
-        end = max(end, int(info["data_offsets"][1]))
+        end = max(end, info["data_offsets"][1])
     if 8 + n + end > size:
         raise BoothError(f"{path} is truncated: its header needs {8 + n + end} bytes, the file has {size}")
-    return header
+    return header, 8 + n
+
+
+def _valid_entry(info: object) -> bool:
+    """dtype known, shape and offsets non-negative integers, and the byte range exactly the tensor's size."""
+    try:
+        dtype, shape, (begin, end) = _SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+        ints = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end))
+        return ints and end - begin == math.prod(shape) * dtype.itemsize
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def read_pickle(path: Path) -> dict[str, torch.Tensor]:
     """A `.ckpt`/`.pt`/`.bin` pickle, loaded with weights_only=True so no code in it can run."""
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):  # legacy (pre-zip) pickles cannot be memory-mapped; read them plainly
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols it then handles fine
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(
+                    e
+                ):  # legacy (pre-zip) pickles cannot be memory-mapped; read them plainly
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # The weights-only unpickler names the global it refused; anything else is a damaged or foreign file.
+        # torch names the global it refused; for pickles it stops reading earlier, we look for one ourselves.
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if found:
+        code = [found.group(1)] if found else _code_globals(path)
+        if code:
             raise BoothError(
-                f"refusing to load {path}: it is a pickle that needs code to run ({found.group(1)}); booth loads "
-                "only plain tensors from .ckpt files, so get a .safetensors version of this model"
+                f"refusing to load {path}: it is a pickle that needs code to run ({', '.join(code[:3])}); booth "
+                "loads only plain tensors from .ckpt files, so get a .safetensors version of this model"
             ) from None
         reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip().startswith("Unsupported")), "")
         raise BoothError(
@@ -136,6 +157,33 @@ def read_pickle(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise BoothError(f"{path} does not hold a state dict of tensors")
     return obj
+
+
+_SAFE_GLOBALS = re.compile(
+    r"torch\._utils\._rebuild_\w+|torch\.\w*Storage|collections\.OrderedDict"
+    r"|torch\.(Size|device|float\d*|bfloat16|half|int\d*|uint8|bool|long)"
+)
+
+
+def _code_globals(path: Path) -> list[str]:
+    """Names of functions/classes a pickle would import, read with pickletools (which executes nothing)."""
+    names, strings = [], []
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+        else:
+            data = path.read_bytes()[: 64 << 20]
+        for op, arg, _ in pickletools.genops(io.BytesIO(data)):
+            if op.name == "GLOBAL":
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # damaged data: whatever was found so far is all we can say
+        pass
+    return [n for n in dict.fromkeys(names) if not _SAFE_GLOBALS.fullmatch(n)]
 
 
 def _first_line(e: BaseException) -> str:
@@ -182,13 +230,15 @@ def _use_ema(out: dict, sd: dict, source: str) -> None:
 # ----------------------------------------------------------------------------- config from shapes
 
 
-def infer_config(sd: dict[str, torch.Tensor]) -> ModelConfig:
+def infer_config(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> ModelConfig:
     """Recover the ModelConfig from tensor shapes (as ComfyUI does). Head counts are not visible in shapes:
     SD1 conventions are used (8 UNet heads, CLIP heads of width 64)."""
     try:
         return ModelConfig(unet=_infer_unet(sd), vae=_infer_vae(sd), clip=_infer_clip(sd))
     except KeyError as e:
-        raise BoothError(f"not a Stable Diffusion 1.x checkpoint: no weight {e.args[0]}") from None
+        raise BoothError(
+            f"{source} is not a Stable Diffusion 1.x checkpoint: it has no {e.args[0]}"
+        ) from None
 
 
 def _indices(sd: dict, prefix: str) -> list[int]:
@@ -455,7 +505,7 @@ def read_checkpoint(path: str | os.PathLike, ema: bool = False) -> Checkpoint:
     except PermissionError:
         raise BoothError(f"cannot read {path}: permission denied") from None
     sd = to_layout(raw, ema=ema, source=str(path))
-    cfg = ModelConfig.from_json(meta[CONFIG_KEY]) if CONFIG_KEY in meta else infer_config(sd)
+    cfg = ModelConfig.from_json(meta[CONFIG_KEY]) if CONFIG_KEY in meta else infer_config(sd, str(path))
     return Checkpoint(path, cfg, sd, meta)
 
 
@@ -463,7 +513,8 @@ def load_model(
     ckpt: Checkpoint, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, into=None
 ):
     """Checkpoint -> LatentDiffusion in eval mode on `device`. The modules are built on the meta device and take
-    the checkpoint's tensors as they are (assign=True): no random init, no second copy of the weights.
+    the checkpoint's tensors (assign=True): no random init. `ckpt.state_dict` is consumed: each tensor is moved
+    to the device and dtype and its file copy released at once, so a model is never held twice in memory.
     With `into` (a model of the same config), the weights are copied into its existing tensors instead."""
     from .model import build
 
@@ -481,8 +532,14 @@ def load_model(
     if into is not None:
         into.load_state_dict(ckpt.state_dict, strict=True)
         return into
-    model.load_state_dict(ckpt.state_dict, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    sd = ckpt.state_dict
+    for k in list(sd):
+        t = sd.pop(k)
+        sd[k] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+        del t
+    model.load_state_dict(sd, strict=True, assign=True)
+    sd.clear()
+    return model.eval().requires_grad_(False)
 
 
 def save_checkpoint(sd: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None,

@@ -7,9 +7,11 @@ can fix is one line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -76,10 +78,15 @@ def _sampling_args(p: argparse.ArgumentParser, hw_default) -> None:
     )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line like every other booth error (still exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"booth: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="booth", description="Stable Diffusion txt2img, img2img and DreamBooth."
-    )
+    parser = Parser(prog="booth", description="Stable Diffusion txt2img, img2img and DreamBooth.")
     parser.add_argument("--version", action="version", version=f"booth {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -206,12 +213,26 @@ def check_writable(out: Path) -> None:
 def _settings(args):
     from .pipeline import Settings
 
-    eta = args.eta if args.eta is not None else (0.0 if args.sampler == "ddim" else 1.0)
+    for flag, value in (
+        ("--scale", args.scale),
+        ("--ddim-eta", args.eta),
+        ("--strength", getattr(args, "strength", 0)),
+    ):
+        if value is not None and not math.isfinite(value):
+            raise BoothError(f"{flag} must be a finite number (got {value})")
+    eta = args.eta = args.eta if args.eta is not None else (0.0 if args.sampler == "ddim" else 1.0)
     h, w = args.hw or (512, 512)
     s = Settings(args.steps, args.sampler, args.schedule, args.scale, eta, h, w, args.clip_skip)
     s.validate()
-    if args.variations < 1 or args.batch_size < 1:
-        raise BoothError("--variations and --batch-size must be at least 1")
+    if args.variations < 1:
+        raise BoothError(f"--variations must be at least 1 (got {args.variations})")
+    if args.batch_size < 1:
+        raise BoothError(f"--batch-size must be at least 1 (got {args.batch_size})")
+    last_seed = 2**64 - args.variations  # torch generators take seeds below 2**64; image i uses seed S+i
+    if args.seed is not None and not 0 <= args.seed <= last_seed:
+        raise BoothError(
+            f"--seed must be between 0 and {last_seed} (got {args.seed}); omit it for a random seed"
+        )
     if args.scale < 0:
         raise BoothError(f"--scale must be >= 0 (got {args.scale})")
     return s
@@ -260,10 +281,22 @@ def _generate(args, settings, image) -> int:
     job = Job(args.prompt, args.negative_prompt, settings, seed, args.variations, args.batch_size,
               image, getattr(args, "strength", None), args.ema)  # fmt: skip
     models = checkpoints(spec)  # may download; after all cheap checks
-    run = new_run_dir(out)
-    log(f"booth: writing to {run} (seed {seed}, {device}, {str(dtype).replace('torch.', '')})")
-    for path in render(job, models, run, device, dtype, vars(args)):
-        print(path, flush=True)
+    runs = []
+
+    def start_run() -> Path:  # called by render once the first model has loaded
+        runs.append(new_run_dir(out))
+        log(f"booth: writing to {runs[0]} (seed {seed}, {device}, {str(dtype).replace('torch.', '')})")
+        return runs[0]
+
+    written = 0
+    try:
+        for path in render(job, models, start_run, device, dtype, vars(args)):
+            written += 1
+            print(path, flush=True)
+    except BaseException:
+        if runs and not written:  # out of memory or Ctrl-C before the first image: leave no empty run behind
+            shutil.rmtree(runs[0], ignore_errors=True)
+        raise
     return 0
 
 

@@ -25,12 +25,16 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise BoothError(f"image not found: {path}") from None
     except IsADirectoryError:
         raise BoothError(f"{path} is a folder, not an image") from None
+    except Image.DecompressionBombError as e:
+        raise BoothError(f"{path} is too large to load ({str(e)[:120]}); scale it down first") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BoothError(f"{path} is not a readable image ({e.__class__.__name__}: {str(e)[:120]})") from None
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
+    if im.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grayscale: convert() would clip it to white
+        im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
     return im.convert("RGB")  # grayscale, CMYK, palette, 16-bit: all to 8-bit RGB
 
 
@@ -72,12 +76,15 @@ def infotext(prompt: str, negative_prompt: str, params: dict[str, object]) -> st
 def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
     """Inverse of `infotext` for the simple cases (used by tests and by `--from-image` style tools)."""
     *head, last = text.split("\n")
-    prompt_lines, neg = [], ""
-    for line in head:
-        if line.startswith("Negative prompt: "):
-            neg = line[len("Negative prompt: ") :]
+    prompt_lines, neg_lines = [], None
+    for line in head:  # as AUTOMATIC1111: every line after "Negative prompt: " belongs to the negative prompt
+        if neg_lines is None and line.startswith("Negative prompt: "):
+            neg_lines = [line[len("Negative prompt: ") :]]
+        elif neg_lines is not None:
+            neg_lines.append(line)
         else:
             prompt_lines.append(line)
+    neg = "\n".join(neg_lines or [])
     params, rest = {}, last
     while rest:
         key, _, rest = rest.partition(": ")

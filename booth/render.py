@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,38 +39,51 @@ class Job:
         return [seeds[i : i + self.batch_size] for i in range(0, self.count, self.batch_size)]
 
 
-def render(job: Job, models: Sequence[Path], run: Path, device: torch.device, dtype: torch.dtype,
-           args: dict | None = None) -> Iterator[Path]:  # fmt: skip
-    """Render `job` with each model into `run`; yields every image path as soon as it is written."""
+def render(job: Job, models: Sequence[Path], run: Path | Callable[[], Path], device: torch.device,
+           dtype: torch.dtype, args: dict | None = None) -> Iterator[Path]:  # fmt: skip
+    """Render `job` with each model into `run`; yields every image path as soon as it is written. `run` may be a
+    function making the folder: it is called once the first model has loaded, so a bad checkpoint leaves none."""
+    loaded = _load_each(models, job.ema, device, dtype)
+    first = next(loaded)
+    run = run() if callable(run) else run
     record = {k: v for k, v in (args or {}).items() if k != "func"}
     record.update(seed=job.seed, device=str(device), dtype=str(dtype).replace("torch.", ""),
                   models=[str(m) for m in models], booth_version=__version__)  # fmt: skip
     write_text(run / "args.yaml", yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
     write_text(run / "prompt.txt", job.prompt + "\n")
-    rows, sd = [], None
-    for path in models:
-        sd = _load(path, job.ema, device, dtype, sd)
-        folder = run / "samples" / (path.stem if len(models) > 1 else "")
+    # One sample folder per checkpoint, by stem; by full name when two stems clash (a.ckpt and a.safetensors).
+    names = [m.stem for m in models]
+    names = names if len(set(names)) == len(names) else [m.name for m in models]
+    rows = []
+    for path, name in zip(models, names):
+        sd = first if first is not None else next(loaded)
+        first = None
+        folder = run / "samples" / (name if len(models) > 1 else "")
         folder.mkdir(parents=True, exist_ok=True)
         row = []
         for image, out in _render_one(sd, job, folder, label=path.name if len(models) > 1 else None):
             row.append(image)
             yield out
         rows.append(row)
+        del sd  # so that _load_each can free this model before building a differently shaped one
     if len(models) > 1:
-        yield save_png(grid(rows, [m.stem for m in models]), run / "grid.png")
+        yield save_png(grid(rows, names), run / "grid.png")
 
 
-def _load(path: Path, ema: bool, device, dtype, previous: StableDiffusion | None) -> StableDiffusion:
-    ckpt = read_checkpoint(path, ema=ema)
-    model_hash = file_hash(path) if path.is_file() else None
-    if previous is not None and previous.config == ckpt.config:
-        # Comparing checkpoints of one model: copy the weights into the modules already on the device.
-        load_model(ckpt, into=previous.model)
-        previous.name, previous.model_hash = ckpt.name, model_hash
-        return previous
-    del previous  # free the old model before the new one is moved to the device
-    return StableDiffusion.from_checkpoint(ckpt, device, dtype, model_hash)
+def _load_each(paths: Sequence[Path], ema: bool, device, dtype) -> Iterator[StableDiffusion]:
+    """Each checkpoint in turn. Checkpoints of one model (a DreamBooth run's saves) are copied into the modules
+    already on the device; a different model replaces the previous one, which is freed first."""
+    sd = None
+    for path in paths:
+        ckpt = read_checkpoint(path, ema=ema)
+        model_hash = file_hash(path) if path.is_file() else None
+        if sd is not None and sd.config == ckpt.config:
+            load_model(ckpt, into=sd.model)
+            sd.name, sd.model_hash = ckpt.name, model_hash
+        else:
+            sd = None
+            sd = StableDiffusion.from_checkpoint(ckpt, device, dtype, model_hash)
+        yield sd
 
 
 def _render_one(

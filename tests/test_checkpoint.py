@@ -132,6 +132,13 @@ def test_pickle_with_code_is_refused_and_never_run(sd, tmp_path, monkeypatch):
     assert not marker.exists()
 
 
+def header_file(header: dict, data_bytes: int) -> bytes:
+    import json
+
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + b"\0" * data_bytes
+
+
 def test_corrupt_files(sd, tmp_path):
     good = tmp_path / "good.safetensors"
     save_checkpoint(sd, good)
@@ -141,6 +148,14 @@ def test_corrupt_files(sd, tmp_path):
         "noise.safetensors": (os.urandom(4096), "not a valid safetensors"),
         "tiny.safetensors": (b"abc", "not a valid safetensors"),
         "badjson.safetensors": (struct.pack("<Q", 5) + b"{oops" + b"\0" * 100, "unreadable header"),
+        "badsize.safetensors": (
+            header_file({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}, 8),
+            "bad entry",
+        ),
+        "baddtype.safetensors": (
+            header_file({"a": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 1]}}, 1),
+            "bad entry",
+        ),
         "noise.ckpt": (os.urandom(4096), "not a readable checkpoint"),
         "model.onnx": (b"xx", "unknown checkpoint format"),
     }
@@ -183,9 +198,11 @@ def test_load_model_shares_the_file_tensors(sd, tmp_path):
     path = tmp_path / "m.safetensors"
     save_checkpoint(sd, path, dtype=torch.float16)
     ckpt = read_checkpoint(path)
-    model = load_model(ckpt, "cpu", None)
     key = "model.diffusion_model.input_blocks.0.0.weight"
-    assert model.state_dict()[key].data_ptr() == ckpt.state_dict[key].data_ptr()
+    ptr = ckpt.state_dict[key].data_ptr()
+    model = load_model(ckpt, "cpu", None)
+    assert model.state_dict()[key].data_ptr() == ptr
+    assert not ckpt.state_dict, "the checkpoint's references are released"
     assert model.unet.input_blocks[0][0].weight.dtype == torch.float16
     assert not any(p.requires_grad for p in model.parameters())
 

@@ -1,0 +1,179 @@
+"""booth against diffusers, in one run, on the same weights and settings.
+
+Each measurement runs in its own process so peak memory is that library's alone:
+  - load: time to build the pipeline from disk, and peak host RSS while doing it;
+  - sample: seconds per denoising step (DDIM, classifier-free guidance, so two UNet passes per step), the
+    first step excluded as warm-up; peak host RSS and, on CUDA, peak allocated GPU memory over the whole run.
+
+Default: full SD1 config, random weights (written once to --workdir as an fp16 single file for booth and as a
+diffusers folder for diffusers), CPU fp32 at 256x256. On a GPU: `--device cuda --dtype fp16 --size 512`.
+
+    python bench/bench_inference.py                       # CPU
+    python bench/bench_inference.py --device cuda --dtype fp16 --size 512 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROMPT = "a photo of an astronaut riding a horse on mars"
+
+
+def peak_rss_mb() -> float:
+    # Linux keeps ru_maxrss across fork+exec (a child would report its parent's peak); VmHWM starts afresh.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 if sys.platform != "darwin" else rss / 2**20
+
+
+def prepare(workdir: Path) -> tuple[Path, Path]:
+    """Random SD1 weights as booth's fp16 .safetensors and as a diffusers folder (converted by diffusers)."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from helpers import diffusers_pipeline
+
+    from booth.checkpoint import save_checkpoint
+    from booth.config import SD1
+    from booth.model import random_weights
+
+    file, folder = workdir / "sd1-random.safetensors", workdir / "sd1-random-diffusers"
+    if file.exists() and (folder / "model_index.json").exists():
+        return file, folder
+    workdir.mkdir(parents=True, exist_ok=True)
+    model = random_weights(SD1, seed=0)
+    save_checkpoint(model.state_dict(), file, dtype=torch.float16)
+    pipe = diffusers_pipeline(model, workdir / "tokenizer")
+    pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+    return file, folder
+
+
+def worker(args) -> dict:
+    import torch
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    device = torch.device(args.device)
+    t0 = time.perf_counter()
+    run = _booth(args, device, dtype) if args.worker == "booth" else _diffusers(args, device, dtype)
+    load_s = time.perf_counter() - t0
+    load_rss = peak_rss_mb()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    stamps = run()
+    per_step = [b - a for a, b in zip(stamps[1:], stamps[2:])]  # stamps[0] is the start, step 1 is warm-up
+    result = {"load_s": load_s, "load_peak_rss_mb": load_rss, "s_per_step": sum(per_step) / len(per_step),
+              "peak_rss_mb": peak_rss_mb()}  # fmt: skip
+    if device.type == "cuda":
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def _clock(device):
+    import torch
+
+    def now():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    return now
+
+
+def _booth(args, device, dtype):
+    from booth.pipeline import Settings, StableDiffusion
+
+    sd = StableDiffusion.from_pretrained(args.model, device=device, dtype=dtype)
+    settings = Settings(
+        steps=args.steps, sampler="ddim", schedule="uniform", height=args.size, width=args.size
+    )
+    now = _clock(device)
+
+    def run():
+        stamps = [now()]
+        sd.txt2img(
+            PROMPT, seeds=range(args.batch), settings=settings, callback=lambda _: stamps.append(now())
+        )
+        return stamps
+
+    return run
+
+
+def _diffusers(args, device, dtype):
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, safety_checker=None,
+                                                   requires_safety_checker=False).to(device)  # fmt: skip
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    now = _clock(device)
+
+    def run():
+        stamps = [now()]
+
+        def step_end(pipe, i, t, kwargs):
+            stamps.append(now())
+            return kwargs
+
+        gens = [torch.Generator().manual_seed(i) for i in range(args.batch)]
+        pipe(PROMPT, height=args.size, width=args.size, num_inference_steps=args.steps, generator=gens,
+             num_images_per_prompt=args.batch, callback_on_step_end=step_end)  # fmt: skip
+        return stamps
+
+    return run
+
+
+def spawn(which: str, model: Path, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", which, "--model", str(model), "--device", args.device,
+           "--dtype", args.dtype, "--size", str(args.size), "--steps", str(args.steps), "--batch", str(args.batch)]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        sys.exit(f"{which} worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=1, help="alternate booth/diffusers runs this many times")
+    p.add_argument("--workdir", type=Path, default=Path(__file__).parent / ".cache")
+    p.add_argument("--worker", choices=["booth", "diffusers"], help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    file, folder = prepare(args.workdir)
+    runs = {"booth": [], "diffusers": []}
+    for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
+        runs["booth"].append(spawn("booth", file, args))
+        runs["diffusers"].append(spawn("diffusers", folder, args))
+    best = {k: {m: min(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
+    print(f"SD1 random weights, {args.device} {args.dtype}, {args.size}x{args.size}, batch {args.batch}, "
+          f"{args.steps} DDIM steps with CFG (best of {args.repeats})")  # fmt: skip
+    print(f"{'metric':<20}{'booth':>12}{'diffusers':>12}{'booth/diffusers':>18}")
+    for metric in best["booth"]:
+        b, d = best["booth"][metric], best["diffusers"][metric]
+        print(f"{metric:<20}{b:>12.3f}{d:>12.3f}{b / d:>18.3f}")
+
+
+if __name__ == "__main__":
+    main()
