@@ -108,12 +108,138 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(i, None)
     i.set_defaults(func=run_img2img)
 
+    _dreambooth_args(sub)
+
     dl = sub.add_parser("download", help="download model weights into the Hugging Face cache",
                         description="Download weights: an alias (sd15, sd14), a repo id, or a repo id and a file.")  # fmt: skip
     dl.add_argument("spec", nargs="?", default=None, help="alias or OWNER/NAME (default sd15)")
     dl.add_argument("filename", nargs="?", default=None, help="a file inside the repo")
     dl.set_defaults(func=run_download)
     return parser
+
+
+def _dreambooth_args(sub) -> None:
+    from .train import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser(
+        "dreambooth", help="teach the model a subject from a few photos",
+        description="DreamBooth fine-tuning with prior preservation. Defaults follow diffusers' published recipe "
+        "and the paper: lr 5e-6, lambda 1, 800 iterations, 200 class images. Runs go to OUTPUT_DIR/runK/; "
+        "checkpoints to runK/ckpts/, usable with `booth txt2img -c runK/ckpts`.",
+    )  # fmt: skip
+    a = p.add_argument
+    a("-c", "--class-name", help="the subject's class, e.g. dog (required unless -r)")
+    a("-i", "--instance-img-dir", help="folder with 3-5 photos of the subject (required unless -r)")
+    a("-o", "--output-dir", default="outputs", help="runs go to OUTPUT_DIR/runK/ (default outputs)")
+    a("-r", "--resume-dir", metavar="RUN", help="continue RUN from its newest saved state")
+    a("-m", "--model", default=None, help=f"base weights, any format txt2img loads (default {d.model})")
+    a("--token", default=None, help=f"the rare token naming the subject (default {d.token})")
+    a("--instance-prompt", default=None, help="default 'a {token} {class}'")
+    a("--class-prompt", default=None, help="default 'a {class}'")
+    a(
+        "--class-dir",
+        default=None,
+        help="class images to use (generated there if fewer than --class-img-count)",
+    )
+    a(
+        "--class-img-count",
+        type=int,
+        default=None,
+        help=f"class images for prior preservation (default {d.class_img_count})",
+    )
+    a("--gb", "--generation-batch-size", dest="generation_batch_size", type=int, default=None,
+      help=f"class images per forward pass (default {d.generation_batch_size})")  # fmt: skip
+    a(
+        "--hw",
+        nargs=2,
+        type=int,
+        metavar=("H", "W"),
+        default=None,
+        help="training resolution (default 512 512)",
+    )
+    a(
+        "--ddim-steps",
+        type=int,
+        default=None,
+        help=f"sampling steps for class images (default {d.ddim_steps})",
+    )
+    a("--sampler", default=None, help=f"sampler for class images and previews (default {d.sampler})")
+    a("--schedule", default=None, help=f"schedule for class images (default {d.schedule})")
+    a("--scale", type=float, default=None, help=f"guidance scale for class images (default {d.scale})")
+    a("--ddim-eta", type=float, default=None, help="sampler noise for class images (default 0)")
+    a(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help=f"default {d.learning_rate} (2e-6 is advised with -t)",
+    )
+    a(
+        "-l",
+        "--lamb",
+        type=float,
+        default=None,
+        help=f"prior-preservation loss weight lambda (default {d.lamb}; 0 turns it off)",
+    )
+    a("--iterations", type=int, default=None, help=f"optimizer steps (default {d.iterations})")
+    a(
+        "-s",
+        "--save-every",
+        type=int,
+        default=None,
+        help="also save a checkpoint every N steps (default: only at the end)",
+    )
+    a(
+        "-t",
+        "--train-text-encoder",
+        action="store_true",
+        default=None,
+        help="train the text encoder too (more memory)",
+    )
+    a("-d", "--devices", nargs="+", default=None, help="devices, e.g. 0 1 2 3 (one process each, DDP) or cpu")
+    a(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="instance images per step per device (plus as many class images)",
+    )
+    a("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default 1)")
+    a("--lr-warmup", type=int, default=None, help="linear warm-up steps (default 0)")
+    a("--seed", type=int, default=None, help=f"default {d.seed}")
+    a("--precision", choices=["full", "autocast", "fp32", "fp16", "bf16"], default=None,
+      help="mixed precision with fp32 master weights (default fp16 on CUDA, fp32 elsewhere)")  # fmt: skip
+    a(
+        "--save-precision",
+        choices=["fp16", "fp32"],
+        default=None,
+        help="checkpoint dtype (default fp16, 2 GB)",
+    )
+    a(
+        "--gradient-checkpointing",
+        action="store_true",
+        default=None,
+        help="recompute activations: less memory, slower",
+    )
+    a(
+        "--optimizer",
+        choices=["adamw", "adamw8bit"],
+        default=None,
+        help="adamw8bit needs: pip install 'booth[8bit]'",
+    )
+    a(
+        "--cache-latents",
+        action="store_true",
+        default=None,
+        help="encode images once (turns off resize and colour augmentation)",
+    )
+    a("--noise-offset", type=float, default=None, help="noise offset, e.g. 0.05 (default 0)")
+    a("--snr-gamma", type=float, default=None, help="min-SNR loss weighting, e.g. 5 (default off)")
+    a("--sample-every", type=int, default=None, help="save fixed-seed previews every N steps")
+    a("--sample-prompt", default=None, help="prompt of the previews (default: the instance prompt)")
+    a("--no-flip", dest="flip", action="store_false", default=None, help="no horizontal flips")
+    a("--no-random-resize", dest="random_resize", action="store_false", default=None, help="no random zoom")
+    a("--no-color-jitter", dest="color_jitter", action="store_false", default=None, help="no colour jitter")
+    p.set_defaults(func=run_dreambooth)
 
 
 # ----------------------------------------------------------------------------- resolving what to run on
@@ -300,8 +426,144 @@ def _generate(args, settings, image) -> int:
     return 0
 
 
+def run_dreambooth(args) -> int:
+    from .train import Interrupted, setup_distributed, train
+
+    cfg, resume = _train_config(args)
+    if len(cfg.devices) > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_distributed(len(cfg.devices), args.argv)
+    dist = setup_distributed(cfg.devices)
+    run = _prepare_run(cfg, args, resume, dist)
+    try:
+        last = train(cfg, run, resume, dist)
+    except Interrupted as e:
+        log(f"booth: {e}")
+        return 130
+    if dist.main:
+        print(last, flush=True)
+        log(f'booth: done. Try: booth txt2img -c {run / "ckpts"} -p "{cfg.instance_text} on the beach"')
+    return 0
+
+
+_RESUME_CAN_CHANGE = {
+    "iterations",
+    "save_every",
+    "sample_every",
+    "sample_prompt",
+    "devices",
+    "generation_batch_size",
+}
+
+
+def _train_config(args):
+    """TrainConfig from the flags (a new run) or from RUN/args.yaml plus the few flags that may change (-r)."""
+    import dataclasses
+
+    from .train import TrainConfig, newest_state
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if args.instance_img_dir is not None:
+        given["instance_dir"] = args.instance_img_dir
+    if "hw" in given:
+        given["hw"] = tuple(given["hw"])
+    if not args.resume_dir:
+        if not args.class_name or not args.instance_img_dir:
+            raise BoothError("give the subject's class with -c (e.g. -c dog) and its photos with -i FOLDER")
+        return _validated(TrainConfig(**given)), False
+    run = Path(args.resume_dir)
+    if not (run / "args.yaml").is_file():
+        raise BoothError(
+            f"{run} is not a DreamBooth run folder (no args.yaml); -r takes a folder like outputs/run0"
+        )
+    saved = TrainConfig.from_yaml((run / "args.yaml").read_text())
+    changed = [k for k, v in given.items() if k not in _RESUME_CAN_CHANGE and v != getattr(saved, k)]
+    if changed:
+        raise BoothError(
+            f"with -r only {', '.join(sorted(_RESUME_CAN_CHANGE))} can change; drop {', '.join(changed)}"
+        )
+    cfg = dataclasses.replace(saved, **{k: v for k, v in given.items() if k in _RESUME_CAN_CHANGE})
+    state = newest_state(run)
+    if state is None:
+        raise BoothError(
+            f"{run} has no saved training state to resume from ({run / 'state'} is empty or missing)"
+        )
+    done = int(state.stem.split("-")[1])
+    if cfg.iterations < done:
+        raise BoothError(
+            f"{run} is already at step {done}; --iterations must be at least that (got {cfg.iterations})"
+        )
+    return _validated(cfg), True
+
+
+def _validated(cfg):
+    from .data import find_images
+    from .pipeline import Settings
+
+    Settings(cfg.ddim_steps, cfg.sampler, cfg.schedule, cfg.scale, cfg.ddim_eta, *cfg.hw).validate()
+    for flag, value, low in (("--iterations", cfg.iterations, 1), ("--batch-size", cfg.batch_size, 1),
+                             ("--grad-accum", cfg.grad_accum, 1), ("--class-img-count", cfg.class_img_count, 0),
+                             ("--generation-batch-size", cfg.generation_batch_size, 1), ("--lr-warmup", cfg.lr_warmup, 0),
+                             ("--save-every", cfg.save_every or 1, 1), ("--sample-every", cfg.sample_every or 1, 1)):  # fmt: skip
+        if value < low:
+            raise BoothError(f"{flag} must be at least {low} (got {value})")
+    for flag, value in (("--learning-rate", cfg.learning_rate), ("--lamb", cfg.lamb), ("--noise-offset", cfg.noise_offset),
+                        ("--snr-gamma", cfg.snr_gamma or 1.0)):  # fmt: skip
+        if (
+            not math.isfinite(value)
+            or value < 0
+            or (flag in ("--learning-rate", "--snr-gamma") and value == 0)
+        ):
+            raise BoothError(
+                f"{flag} must be a {'positive' if flag != '--lamb' else 'non-negative'} number (got {value})"
+            )
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise BoothError("--optimizer adamw8bit needs bitsandbytes: pip install 'booth[8bit]'") from None
+    for device in cfg.devices:
+        pick_device(device)
+    find_images(cfg.instance_dir, "instance", warn=False)  # fail before any weights are loaded
+    return cfg
+
+
+def _prepare_run(cfg, args, resume: bool, dist) -> Path:
+    from .atomic import write_text
+    from .train import broadcast
+
+    if resume:
+        return Path(args.resume_dir)
+    out = Path(args.output_dir)
+    if (out / "args.yaml").is_file():
+        raise BoothError(
+            f"{out} is already a run folder; resume it with -r {out}, or give -o a parent folder"
+        )
+    check_writable(out)
+    run = None
+    if dist.main:
+        run = new_run_dir(out)
+        write_text(run / "args.yaml", cfg.to_yaml())
+        log(f"booth: DreamBooth run in {run}")
+    return Path(broadcast(str(run) if run else None, dist))
+
+
+def _launch_distributed(n: int, argv: list[str]) -> int:
+    """`-d 0 1 ...`: one process per device through PyTorch's own launcher (torchrun)."""
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(["--standalone", "--nproc-per-node", str(n), "-m", "booth", *argv])
+    except Exception as e:  # torchrun raises ChildFailedError; the children already printed their error
+        log(f"booth: a training process failed ({type(e).__name__})")
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except BoothError as e:

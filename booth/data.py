@@ -21,7 +21,7 @@ from .images import load_image
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-def find_images(folder: str | Path, what: str = "instance") -> list[Path]:
+def find_images(folder: str | Path, what: str = "instance", warn: bool = True) -> list[Path]:
     """Readable images of `folder`, sorted; unreadable files are named in a warning and skipped."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -36,7 +36,7 @@ def find_images(folder: str | Path, what: str = "instance") -> list[Path]:
             good.append(p)
         except BoothError:
             skipped.append(p.name)
-    if skipped:
+    if skipped and warn:
         print(f"booth: warning: skipping {len(skipped)} file(s) in {folder} that are not images: "
               f"{', '.join(skipped[:10])}", file=sys.stderr)  # fmt: skip
     if not good:

@@ -1,0 +1,423 @@
+"""DreamBooth: the loss, gradients against diffusers, checkpoints other tools read, exact resume, DDP, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import diffusers_unet, ldm_original_config, perturb_norms
+
+from booth.checkpoint import UNET, read_checkpoint, save_checkpoint
+from booth.cli import main
+from booth.config import TINY
+from booth.model import random_weights
+from booth.train import dreambooth_loss, min_snr_weights
+
+DOG = Path(__file__).parent / "data" / "dog"
+FAST = ["--hw", "32", "32", "--class-img-count", "4", "--gb", "4", "--ddim-steps", "2", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny base model saved in fp16, as SD checkpoints usually are."""
+    model = random_weights(TINY, seed=11)
+    perturb_norms(model)
+    path = tmp_path_factory.mktemp("base") / "base.safetensors"
+    save_checkpoint(model.state_dict(), path, dtype=torch.float16)
+    return path
+
+
+def dreambooth(base, out, *args, expect=0):
+    code = main(["dreambooth", "-c", "dog", "-i", str(DOG), "-m", str(base), "-o", str(out), *FAST, *args])
+    assert code == expect
+    return out
+
+
+def unet_of(path):
+    return {k: v for k, v in read_checkpoint(path).state_dict.items() if k.startswith(UNET)}
+
+
+def metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def test_loss_matches_a_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(4, 4, 3, 3, generator=g), torch.randn(4, 4, 3, 3, generator=g)
+    sq = [((pred[i] - target[i]) ** 2).sum().item() / 36 for i in range(4)]
+    inst, prior = (sq[0] + sq[1]) / 2, (sq[2] + sq[3]) / 2
+    for lamb in (0.0, 0.5, 1.0):
+        loss, i, p = dreambooth_loss(pred, target, 2, lamb)
+        assert i.item() == pytest.approx(inst) and p.item() == pytest.approx(prior)
+        assert loss.item() == pytest.approx(inst + lamb * prior)
+    # lambda = 0: the class rows cannot change the loss, whatever they hold
+    changed = pred.clone()
+    changed[2:] += 100
+    assert dreambooth_loss(changed, target, 2, 0.0)[0].item() == pytest.approx(inst)
+    # without class rows the prior term is zero
+    assert dreambooth_loss(pred[:2], target[:2], 2, 1.0)[2].item() == 0.0
+
+
+def test_min_snr_weights():
+    ac = torch.tensor([0.99, 0.5, 0.01])
+    snr = ac / (1 - ac)  # 99, 1, 0.0101
+    assert torch.allclose(min_snr_weights(ac, 5.0), torch.tensor([5 / 99, 1.0, 1.0]))
+    assert snr[0] > 5
+
+
+def test_gradients_match_diffusers():
+    """One training step's gradients: our UNet and diffusers' UNet2DConditionModel on the same everything."""
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        create_unet_diffusers_config_from_ldm,
+    )
+
+    model = random_weights(TINY, seed=4)
+    perturb_norms(model)
+    ref = diffusers_unet(model).train()
+    ours = model.unet.train().requires_grad_(True)
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 4, 16, 16, generator=g)
+    t = torch.tensor([5, 500, 990])
+    ctx = torch.randn(3, 77, 128, generator=g)
+    ac = torch.linspace(0.99, 0.01, 1000)[t].view(-1, 1, 1, 1)
+    noisy = ac.sqrt() * x0 + (1 - ac).sqrt() * noise
+    dreambooth_loss(ours(noisy, t.float(), ctx), noise, 1, 1.0)[0].backward()
+    dreambooth_loss(ref(noisy, t, encoder_hidden_states=ctx).sample, noise, 1, 1.0)[0].backward()
+    grads = {UNET + k: p.grad for k, p in ours.named_parameters()}
+    sd = {k: v for k, v in model.state_dict().items() if k.startswith(UNET)}
+    config = create_unet_diffusers_config_from_ldm(ldm_original_config(model.config), sd, image_size=256)
+    ours_as_diffusers = convert_ldm_unet_checkpoint(grads, config)
+    theirs = dict(ref.named_parameters())
+    assert ours_as_diffusers.keys() == theirs.keys()
+    for k, grad in ours_as_diffusers.items():
+        ref_grad = theirs[k].grad
+        scale = ref_grad.abs().max().clamp(min=1e-6)
+        assert (grad - ref_grad).abs().max() <= 1e-4 * scale + 1e-7, k
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+def test_instance_loss_goes_down_and_prior_loss_counts(base, tmp_path):
+    run = dreambooth(base, tmp_path / "a", "--iterations", "30", "--learning-rate", "1e-3", "-l", "0",
+                     "--no-random-resize", "--no-color-jitter", "--batch-size", "2")  # fmt: skip
+    m = metrics(run / "run0")
+    first, last = sum(r["instance_loss"] for r in m[:5]) / 5, sum(r["instance_loss"] for r in m[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    assert all(r["prior_loss"] == 0 and r["loss"] == r["instance_loss"] for r in m), "lambda 0: no prior term"
+    assert not (run / "run0" / "class-imgs").exists(), "lambda 0 needs no class images"
+    run = dreambooth(base, tmp_path / "b", "--iterations", "2", "-l", "0.5")
+    for r in metrics(run / "run0"):
+        assert r["prior_loss"] > 0 and r["loss"] == pytest.approx(r["instance_loss"] + 0.5 * r["prior_loss"])
+    assert len(list((run / "run0" / "class-imgs").glob("*.png"))) == 4
+
+
+def test_checkpoint_is_a_complete_sd1_file_diffusers_reads(base, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        create_unet_diffusers_config_from_ldm,
+    )
+
+    run = dreambooth(base, tmp_path, "--iterations", "2", "--learning-rate", "1e-4") / "run0"
+    path = run / "ckpts" / "step-000002.safetensors"
+    ckpt = read_checkpoint(path)
+    base_sd = read_checkpoint(base).state_dict
+    assert ckpt.state_dict.keys() == base_sd.keys()
+    changed = [k for k in base_sd if not torch.equal(base_sd[k], ckpt.state_dict[k])]
+    assert changed and all(k.startswith(UNET) for k in changed), "only the UNet trains without -t"
+    meta = ckpt.metadata
+    assert meta["booth.step"] == "2" and meta["booth.instance_prompt"] == "a sks dog"
+    assert json.loads(meta["booth.train"])["learning_rate"] == 1e-4
+    # diffusers' own converter makes a UNet of it that computes what booth's does
+    sd = {k: v.float() for k, v in ckpt.state_dict.items() if k.startswith(UNET)}
+    config = create_unet_diffusers_config_from_ldm(ldm_original_config(ckpt.config), sd, image_size=256)
+    ref = UNet2DConditionModel(**config)
+    ref.load_state_dict(convert_ldm_unet_checkpoint(sd, config), strict=True)
+    model = random_weights(TINY)
+    model.load_state_dict({k: v.float() for k, v in ckpt.state_dict.items()})
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([300.0]), torch.randn(1, 77, 128)
+    with torch.no_grad():
+        assert torch.allclose(model.unet(x, t, ctx), ref(x, t, encoder_hidden_states=ctx).sample, atol=1e-5)
+    # and the file renders with txt2img
+    assert main(["txt2img", "-c", str(run / "ckpts"), "-p", "a sks dog", "--hw", "16", "16", "--steps", "2",
+                 "-o", str(tmp_path / "img")]) == 0  # fmt: skip
+
+
+def test_text_encoder_trains_with_t(base, tmp_path):
+    run = dreambooth(base, tmp_path, "--iterations", "2", "--learning-rate", "1e-3", "-t", "-l", "0") / "run0"
+    ckpt = read_checkpoint(run / "ckpts" / "step-000002.safetensors").state_dict
+    base_sd = read_checkpoint(base).state_dict
+    te = [k for k in base_sd if k.startswith("cond_stage_model.") and not torch.equal(base_sd[k], ckpt[k])]
+    vae = [k for k in base_sd if k.startswith("first_stage_model.") and not torch.equal(base_sd[k], ckpt[k])]
+    assert te and not vae
+
+
+def test_resume_from_any_save_point_is_bitwise_identical(base, tmp_path):
+    common = ["--save-precision", "fp32", "--learning-rate", "1e-3", "-s", "2"]
+    whole = dreambooth(base, tmp_path / "whole", "--iterations", "6", *common) / "run0"
+    part = dreambooth(base, tmp_path / "part", "--iterations", "2", *common) / "run0"
+    assert main(["dreambooth", "-r", str(part), "--iterations", "4"]) == 0
+    assert main(["dreambooth", "-r", str(part), "--iterations", "6"]) == 0
+    for step in (2, 4, 6):
+        a, b = (unet_of(r / "ckpts" / f"step-{step:06d}.safetensors") for r in (whole, part))
+        assert all(torch.equal(a[k], b[k]) for k in a), f"step {step} differs"
+    assert [r["step"] for r in metrics(part)] == list(range(1, 7))
+    assert [r["loss"] for r in metrics(part)] == [r["loss"] for r in metrics(whole)]
+    assert [p.name for p in (part / "state").iterdir()] == ["step-000006.pt"], "only the newest state is kept"
+
+
+def env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_ctrl_c_saves_a_state_and_resume_finishes_identically(base, tmp_path):
+    args = ["--save-precision", "fp32", "--learning-rate", "1e-3", "--iterations", "40", "-l", "0"]
+    whole = dreambooth(base, tmp_path / "whole", *args) / "run0"
+    cmd = [sys.executable, "-m", "booth", "dreambooth", "-c", "dog", "-i", str(DOG), "-m", str(base),
+           "-o", str(tmp_path / "cut"), *FAST, *args]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "cut" / "run0" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "continue with: booth dreambooth -r" in err and "Traceback" not in err
+    cut = tmp_path / "cut" / "run0"
+    stopped = len(metrics(cut))
+    assert 3 <= stopped < 40 and (cut / "state" / f"step-{stopped:06d}.pt").exists()
+    assert main(["dreambooth", "-r", str(cut)]) == 0
+    a, b = (unet_of(r / "ckpts" / "step-000040.safetensors") for r in (whole, cut))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_crash_during_a_save_keeps_earlier_files(base, tmp_path, monkeypatch, capsys):
+    import booth.checkpoint
+
+    run = dreambooth(base, tmp_path, "--iterations", "2", "-s", "2") / "run0"
+    before = (run / "ckpts" / "step-000002.safetensors").read_bytes()
+    real = booth.checkpoint.save_file if hasattr(booth.checkpoint, "save_file") else None
+    del real
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", disk_full)
+    assert main(["dreambooth", "-r", str(run), "--iterations", "4"]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert sorted(p.name for p in (run / "ckpts").iterdir()) == ["step-000002.safetensors"]
+    assert (run / "ckpts" / "step-000002.safetensors").read_bytes() == before
+    assert sorted(p.name for p in (run / "state").iterdir()) == ["step-000002.pt"]
+    assert main(["dreambooth", "-r", str(run), "--iterations", "4"]) == 0  # and it carries on
+
+
+def test_nan_loss_stops_with_a_clear_message(base, tmp_path, monkeypatch, capsys):
+    import booth.train
+
+    real = booth.train.dreambooth_loss
+    calls = []
+
+    def poisoned(*a, **k):
+        calls.append(1)
+        out = real(*a, **k)
+        return (out[0] * float("nan"), *out[1:]) if len(calls) > 2 else out
+
+    monkeypatch.setattr(booth.train, "dreambooth_loss", poisoned)
+    dreambooth(base, tmp_path, "--iterations", "5", "-s", "2", "-l", "0", expect=1)
+    err = capsys.readouterr().err
+    assert "loss became nan at step 3" in err and "step-000002.safetensors" in err
+    assert read_checkpoint(tmp_path / "run0" / "ckpts" / "step-000002.safetensors")
+
+
+def test_two_processes_equal_one_with_twice_the_batch(base, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    # Shared class images: generated in batches of different sizes they could differ in the last bit.
+    (tmp_path / "cls").mkdir()
+    for i in range(4):
+        pixels = np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "cls" / f"{i:04d}.png")
+    args = [
+        "--iterations",
+        "3",
+        "--learning-rate",
+        "1e-3",
+        "--save-precision",
+        "fp32",
+        "--class-dir",
+        str(tmp_path / "cls"),
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "booth",
+        "dreambooth",
+        "-c",
+        "dog",
+        "-i",
+        str(DOG),
+        "-m",
+        str(base),
+        *FAST,
+        *args,
+    ]
+    one = subprocess.run(
+        [*cmd, "-o", str(tmp_path / "one"), "--batch-size", "2"], env=env(), capture_output=True, text=True
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([*cmd, "-o", str(tmp_path / "two"), "--batch-size", "1", "-d", "cpu", "cpu"], env=env(),
+                         capture_output=True, text=True)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (unet_of(tmp_path / r / "run0" / "ckpts" / "step-000003.safetensors") for r in ("one", "two"))
+    start = unet_of(base)
+    # Batch 4 on one process and batch 2 on each of two run different CPU kernels, so gradients agree to float
+    # rounding, not bitwise. Adam divides by |g|, which turns rounding in near-zero gradients into visible
+    # update differences for a few weights; a wrong split of the data moves nearly every weight by ~2 x lr.
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert diff.max() < 0.5 * 1e-3 * 3, diff.max()
+    assert (diff < 1e-6).float().mean() > 0.97
+    moved = torch.cat([(a[k] - start[k].float()).abs().flatten() for k in a])
+    assert (moved > 1e-4).float().mean() > 0.5, "training changed the weights"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def error_of(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("booth: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_bad_instance_folders(base, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("hello")
+    (tmp_path / "junk" / "fake.jpg").write_bytes(b"not a jpeg")
+    cases = {"missing": "not found", "empty": "is empty", "junk": "no readable images"}
+    for name, message in cases.items():
+        code = main(
+            [
+                "dreambooth",
+                "-c",
+                "dog",
+                "-i",
+                str(tmp_path / name),
+                "-m",
+                str(base),
+                "-o",
+                str(tmp_path / "o"),
+                *FAST,
+            ]
+        )
+        assert code == 1 and message in error_of(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_images_are_skipped_with_a_warning(base, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(DOG, tmp_path / "dog")
+    (tmp_path / "dog" / "broken.png").write_bytes(b"\x89PNG broken")
+    run = tmp_path / "o"
+    assert main(["dreambooth", "-c", "dog", "-i", str(tmp_path / "dog"), "-m", str(base), "-o", str(run), *FAST,
+                 "--iterations", "1", "-l", "0"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "skipping 2 file(s)" in err and "broken.png" in err and "SOURCE.md" in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--iterations", "0"], "--iterations must be at least 1"),
+        (["--learning-rate", "-1"], "--learning-rate must be a positive"),
+        (["-l", "-0.5"], "--lamb must be a non-negative"),
+        (["--hw", "30", "32"], "multiples of 8"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--optimizer", "adamw8bit"], "pip install 'booth[8bit]'"),
+        (["-d", "tpu"], "unknown device"),
+        (["--sampler", "nope"], "unknown sampler"),
+    ],
+)
+def test_bad_flags_fail_before_loading(base, tmp_path, capsys, monkeypatch, args, message):
+    if "adamw8bit" in args and __import__("importlib").util.find_spec("bitsandbytes"):
+        pytest.skip("bitsandbytes is installed")
+    monkeypatch.setattr(
+        "booth.checkpoint.read_checkpoint", lambda *a, **k: pytest.fail("weights were loaded")
+    )
+    code = main(
+        ["dreambooth", "-c", "dog", "-i", str(DOG), "-m", str(base), "-o", str(tmp_path / "o"), *FAST, *args]
+    )
+    assert code in (1, 2) and message in error_of(capsys)
+
+
+def test_run_folder_errors(base, tmp_path, capsys):
+    out = tmp_path / "o"
+    run = dreambooth(base, out, "--iterations", "2", "-l", "0") / "run0"
+    # an existing run folder given as -o, without -r
+    assert main(["dreambooth", "-c", "dog", "-i", str(DOG), "-m", str(base), "-o", str(run), *FAST]) == 1
+    assert f"resume it with -r {run}" in error_of(capsys)
+    # fewer iterations than already done
+    assert main(["dreambooth", "-r", str(run), "--iterations", "1"]) == 1
+    assert "already at step 2" in error_of(capsys)
+    # a folder that is not a run, and a run with no state
+    assert main(["dreambooth", "-r", str(tmp_path)]) == 1
+    assert "not a DreamBooth run folder" in error_of(capsys)
+    for f in (run / "state").iterdir():
+        f.unlink()
+    assert main(["dreambooth", "-r", str(run)]) == 1
+    assert "no saved training state" in error_of(capsys)
+    # changing the recipe on resume
+    assert main(["dreambooth", "-r", str(run), "--learning-rate", "1"]) == 1
+    assert "drop learning_rate" in error_of(capsys)
+    # missing -c / -i
+    assert main(["dreambooth", "-i", str(DOG)]) == 1
+    assert "-c" in error_of(capsys)
+    # unwritable output
+    (tmp_path / "file").write_text("x")
+    assert (
+        main(
+            [
+                "dreambooth",
+                "-c",
+                "dog",
+                "-i",
+                str(DOG),
+                "-m",
+                str(base),
+                "-o",
+                str(tmp_path / "file" / "o"),
+                *FAST,
+            ]
+        )
+        == 1
+    )
+    assert "cannot write" in error_of(capsys)
+
+
+def test_out_of_memory_names_the_memory_flags(base, tmp_path, capsys, monkeypatch):
+    import booth.train
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(booth.train, "_forward", oom)
+    dreambooth(base, tmp_path, "--iterations", "2", "-l", "0", expect=1)
+    message = error_of(capsys)
+    for flag in ("--gradient-checkpointing", "--optimizer adamw8bit", "--cache-latents", "--batch-size"):
+        assert flag in message
