@@ -421,3 +421,63 @@ def test_out_of_memory_names_the_memory_flags(base, tmp_path, capsys, monkeypatc
     message = error_of(capsys)
     for flag in ("--gradient-checkpointing", "--optimizer adamw8bit", "--cache-latents", "--batch-size"):
         assert flag in message
+
+
+def test_options_run_and_cache_latents_matches_encoding(base, tmp_path):
+    plain = ["--iterations", "2", "--no-random-resize", "--no-color-jitter", "-l", "0"]
+    a = dreambooth(base, tmp_path / "a", *plain) / "run0"
+    b = dreambooth(base, tmp_path / "b", *plain, "--cache-latents") / "run0"
+    for x, y in zip(metrics(a), metrics(b)):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+    c = dreambooth(base, tmp_path / "c", "--iterations", "2", "--noise-offset", "0.1", "--snr-gamma", "5",
+                   "--gradient-checkpointing", "--precision", "bf16", "--grad-accum", "2", "--lr-warmup", "4",
+                   "--sample-every", "2", "--sample-prompt", "a sks dog in a bucket") / "run0"  # fmt: skip
+    m = metrics(c)
+    assert [r["lr"] for r in m] == pytest.approx([5e-6 * 1 / 4, 5e-6 * 2 / 4])
+    assert sorted(p.name for p in (c / "samples" / "step-000002").iterdir()) == ["0000.png", "0001.png"]
+    assert set(m[0]) >= {"step", "loss", "instance_loss", "prior_loss", "lr", "seconds", "peak_memory_mb"}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = random_weights(TINY, seed=2)
+    unet = model.unet.train().requires_grad_(True)
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 900.0]), torch.randn(2, 77, 128)
+    grads = []
+    for checkpointing in (False, True):
+        unet.gradient_checkpointing = checkpointing
+        unet.zero_grad()
+        unet(x, t, ctx).square().mean().backward()
+        grads.append([p.grad.clone() for p in unet.parameters()])
+    assert all(torch.allclose(g1, g2, atol=1e-6) for g1, g2 in zip(*grads))
+
+
+def test_augmentations_and_odd_images(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from booth.data import Augment, find_images, prepare
+
+    rgb = np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    Image.fromarray(rgb).convert("L").save(tmp_path / "gray.png")
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    rgba = Image.fromarray(np.dstack([rgb, np.full((60, 90), 128, np.uint8)]))
+    rgba.save(tmp_path / "rgba.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: stored landscape, shown portrait
+    Image.fromarray(rgb).save(tmp_path / "rotated.jpg", exif=exif)
+    paths = find_images(tmp_path)
+    assert [p.name for p in paths] == ["a.png", "cmyk.jpg", "gray.png", "rgba.png", "rotated.jpg"]
+    from booth.images import load_image
+
+    assert load_image(tmp_path / "rotated.jpg").size == (60, 90)
+    image = load_image(tmp_path / "a.png")
+    plain = prepare(image, (32, 32))
+    assert plain.shape == (3, 32, 32) and plain.min() >= -1 and plain.max() <= 1
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert torch.equal(prepare(image, (32, 32), Augment(), g()), prepare(image, (32, 32), Augment(), g()))
+    flips = {bool(torch.equal(prepare(image, (32, 32), Augment(resize=False, jitter=False), torch.Generator().manual_seed(s)),
+                              plain.flip(-1))) for s in range(8)}  # fmt: skip
+    assert flips == {True, False}, "flip happens about half the time"
+    off = Augment(flip=False, resize=False, jitter=False)
+    assert torch.equal(prepare(image, (32, 32), off, g()), plain)
