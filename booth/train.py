@@ -274,20 +274,25 @@ def load_rng_state(state: dict, gens: dict[str, torch.Generator]) -> None:
 # ----------------------------------------------------------------------------- saving models
 
 
-def save_model(run: Path, step: int, model, frozen: dict, cfg: TrainConfig, meta: dict) -> Path:
-    """RUN/ckpts/step-NNNNNN.safetensors: a complete SD1 single file in the CompVis layout."""
+def save_model(run: Path, step: int, model, cfg: TrainConfig, meta: dict, base: dict) -> Path:
+    """RUN/ckpts/step-NNNNNN.safetensors: a complete SD1 single file in the CompVis layout. `base` describes the
+    base file: its dtypes, and its frozen tensors when the copies on the device were rounded below them."""
     dtype = torch.float16 if cfg.save_precision == "fp16" else torch.float32
     sd = {UNET + k: v.detach().to("cpu", dtype) for k, v in model.unet.state_dict().items()}
+    frozen = [("first_stage_model.", model.vae)] + (
+        [] if cfg.train_text_encoder else [(TEXT, model.text_encoder)]
+    )
     if cfg.train_text_encoder:
         sd.update({TEXT + k: v.detach().to("cpu", dtype) for k, v in model.text_encoder.state_dict().items()})
-    for k, v in frozen.items():  # untouched networks: the base's own tensors, rounded once if saving fp16
-        sd.setdefault(
-            k, v.to(dtype) if v.is_floating_point() and v.dtype != dtype and dtype == torch.float16 else v
-        )
+    for prefix, module in frozen:  # untouched networks: the base's values, never stored above its precision
+        for k, v in module.state_dict().items():
+            k = prefix + k
+            was = base["dtypes"][k]
+            v = base["originals"].get(k, v)
+            sd[k] = v.detach().to("cpu", was if was.itemsize < dtype.itemsize else dtype)
     path = run / "ckpts" / f"step-{step:06d}.safetensors"
     path.parent.mkdir(exist_ok=True)
-    metadata = {**meta, "booth.step": str(step)}
-    save_checkpoint(sd, path, metadata=metadata, config=model.config)
+    save_checkpoint(sd, path, metadata={**meta, "booth.step": str(step)}, config=model.config)
     return path
 
 
@@ -354,9 +359,12 @@ def train(cfg: TrainConfig, run: Path, resume: bool = False, dist: Dist | None =
     base = resolve(cfg.model)
     ckpt = read_checkpoint(base)
     base_hash = file_hash(base) if base.is_file() else ""
-    frozen = {
-        k: v for k, v in ckpt.state_dict.items() if not k.startswith(UNET)
-    }  # the base's own, for saving
+    # Frozen networks are saved as the base had them; their device copies hold exactly those values unless
+    # they were rounded to a half precision other than the one checkpoints are saved in.
+    save_dtype = torch.float16 if cfg.save_precision == "fp16" else torch.float32
+    lossy = frozen_dtype not in (torch.float32, save_dtype)
+    base_info = {"dtypes": {k: v.dtype for k, v in ckpt.state_dict.items()},
+                 "originals": {k: v for k, v in ckpt.state_dict.items() if lossy and not k.startswith(UNET)}}  # fmt: skip
     model = load_model(ckpt, device, None)
     model.unet.float()
     model.vae.to(frozen_dtype)
@@ -447,7 +455,7 @@ def train(cfg: TrainConfig, run: Path, resume: bool = False, dist: Dist | None =
                 _log_metrics(run, record, writer)
                 if saving:
                     with _disk_errors(run):
-                        last_ckpt = save_model(run, step, model, frozen, cfg, meta)
+                        last_ckpt = save_model(run, step, model, cfg, meta, base_info)
                         save_state(run, _state(step, model, optimizer, scaler, batches, gens, cfg))
                 if cfg.sample_every and step % cfg.sample_every == 0:
                     _preview(cfg, run, step, sd, amp)

@@ -481,3 +481,19 @@ def test_augmentations_and_odd_images(tmp_path):
     assert flips == {True, False}, "flip happens about half the time"
     off = Augment(flip=False, resize=False, jitter=False)
     assert torch.equal(prepare(image, (32, 32), off, g()), plain)
+
+
+def test_frozen_networks_keep_the_base_values(tmp_path):
+    base32 = tmp_path / "base32.safetensors"
+    save_checkpoint(
+        random_weights(TINY, seed=12).state_dict(), base32
+    )  # an fp32 base, like v1-5-pruned-emaonly
+    original = read_checkpoint(base32).state_dict
+    for precision, expect in (("fp16", torch.float16), ("fp32", torch.float32)):
+        run = dreambooth(
+            base32, tmp_path / precision, "--iterations", "1", "-l", "0", "--save-precision", precision
+        )
+        saved = read_checkpoint(run / "run0" / "ckpts" / "step-000001.safetensors").state_dict
+        for k, v in original.items():
+            if not k.startswith(UNET):
+                assert saved[k].dtype == expect and torch.equal(saved[k], v.to(expect)), k

@@ -1,0 +1,165 @@
+"""Peak memory and seconds per step of DreamBooth training: booth's loop against the same step through diffusers'
+modules (UNet2DConditionModel, AutoencoderKL, transformers' CLIPTextModel, torch AdamW), each in its own process.
+
+One step = encode 1 instance + 1 class image with the frozen VAE, noise them, UNet forward and backward with
+the DreamBooth loss (prior preservation), gradient clipping, AdamW. Full SD1 config, random weights.
+
+    python bench/bench_train.py                                    # CPU, fp32, 256x256
+    python bench/bench_train.py --gradient-checkpointing
+    python bench/bench_train.py --device cuda --precision fp16 --size 512 --steps 20 --gradient-checkpointing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_inference import peak_rss_mb, prepare  # noqa: E402
+
+
+def class_images(folder: Path, n: int = 2) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        pixels = np.random.default_rng(i).integers(0, 256, (512, 512, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:04d}.png")
+    return folder
+
+
+def worker_booth(args) -> dict:
+    from booth.train import TrainConfig, train
+
+    run = Path(args.workdir) / f"train-run-{os.getpid()}"
+    run.mkdir(parents=True)
+    cfg = TrainConfig(class_name="dog", instance_dir=args.instance_dir, model=args.model, class_dir=args.class_dir,
+                      class_img_count=2, hw=(args.size, args.size), iterations=args.steps, precision=args.precision,
+                      gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
+                      devices=[args.device])  # fmt: skip
+    train(cfg, run)
+    m = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    peak = m[-1]["peak_memory_mb"]
+    return {"s_per_step": sum(r["seconds"] for r in m[1:]) / (len(m) - 1),
+            ("peak_cuda_mb" if args.device.startswith("cuda") else "peak_rss_mb"): peak}  # fmt: skip
+
+
+def worker_diffusers(args) -> dict:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from PIL import Image
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    device = torch.device(args.device)
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision)
+    frozen = half or torch.float32
+    folder = Path(args.model)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32).to(device).train()
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=frozen).to(device).requires_grad_(False)
+    te = (
+        CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=frozen)
+        .to(device)
+        .requires_grad_(False)
+    )
+    tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    sched = DDPMScheduler.from_pretrained(folder / "scheduler")
+    ids = tok(["a sks dog", "a dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids.to(
+        device
+    )
+    with torch.no_grad():
+        ctx = te(ids)[0]
+    if args.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.AdamW8bit(unet.parameters(), lr=5e-6, weight_decay=1e-2)
+    else:
+        opt = torch.optim.AdamW(unet.parameters(), lr=5e-6, weight_decay=1e-2)
+    scaler = torch.amp.GradScaler(device.type, enabled=half == torch.float16)
+    paths = sorted(Path(args.instance_dir).glob("*.jpg"))[:1] + sorted(Path(args.class_dir).glob("*.png"))[:1]
+    images = torch.stack([
+        torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((args.size, args.size)), dtype=np.float32))
+        .permute(2, 0, 1) / 127.5 - 1 for p in paths
+    ])  # fmt: skip
+    stamps = []
+    for _ in range(args.steps):
+        with torch.no_grad():
+            x0 = vae.encode(images.to(device, frozen)).latent_dist.sample() * vae.config.scaling_factor
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (2,), device=device)
+        noisy = sched.add_noise(x0.float(), noise.float(), t)
+        with torch.autocast(device.type, dtype=half, enabled=half is not None):
+            pred = unet(noisy, t, encoder_hidden_states=ctx).sample
+        loss = F.mse_loss(pred[:1].float(), noise[:1].float()) + F.mse_loss(
+            pred[1:].float(), noise[1:].float()
+        )
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+    per = [b - a for a, b in zip(stamps, stamps[1:])]
+    out = {"s_per_step": sum(per) / len(per)}
+    if device.type == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+def spawn(which: str, model: Path, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", which, "--model", str(model), "--device", args.device, "--size",
+           str(args.size), "--steps", str(args.steps), "--optimizer", args.optimizer, "--workdir", str(args.workdir),
+           "--instance-dir", str(args.instance_dir), "--class-dir", str(args.class_dir)]  # fmt: skip
+    cmd += ["--precision", args.precision] if args.precision else []
+    cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if out.returncode != 0:
+        sys.exit(f"{which} worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--workdir", type=Path, default=Path(__file__).parent / ".cache")
+    p.add_argument("--instance-dir", type=Path, default=Path(__file__).parents[1] / "tests" / "data" / "dog")
+    p.add_argument("--class-dir", type=Path, default=None)
+    p.add_argument("--worker", choices=["booth", "diffusers"], help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps((worker_booth if args.worker == "booth" else worker_diffusers)(args)))
+        return
+    file, folder = prepare(args.workdir)
+    args.class_dir = args.class_dir or class_images(args.workdir / "class-imgs")
+    results = {"booth": spawn("booth", file, args), "diffusers": spawn("diffusers", folder, args)}
+    print(f"DreamBooth step, SD1 random weights, {args.device} {args.precision or 'default precision'}, "
+          f"{args.size}x{args.size}, 1 instance + 1 class image, {args.optimizer}"
+          f"{', gradient checkpointing' if args.gradient_checkpointing else ''}")  # fmt: skip
+    print(f"{'metric':<16}{'booth':>12}{'diffusers':>12}{'booth/diffusers':>18}")
+    for metric, b in results["booth"].items():
+        d = results["diffusers"][metric]
+        print(f"{metric:<16}{b:>12.3f}{d:>12.3f}{b / d:>18.3f}")
+
+
+if __name__ == "__main__":
+    main()
