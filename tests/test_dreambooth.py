@@ -436,6 +436,10 @@ def test_options_run_and_cache_latents_matches_encoding(base, tmp_path):
     assert [r["lr"] for r in m] == pytest.approx([5e-6 * 1 / 4, 5e-6 * 2 / 4])
     assert sorted(p.name for p in (c / "samples" / "step-000002").iterdir()) == ["0000.png", "0001.png"]
     assert set(m[0]) >= {"step", "loss", "instance_loss", "prior_loss", "lr", "seconds", "peak_memory_mb"}
+    d = dreambooth(base, tmp_path / "d", "--iterations", "2", "-l", "0", "--precision", "fp16") / "run0"
+    state = torch.load(d / "state" / "step-000002.pt", weights_only=True)
+    assert state["scaler"]["scale"] > 0, "fp16 trains with loss scaling"
+    assert all(v.dtype == torch.float32 for v in state["unet"].values()), "master weights stay fp32"
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -497,3 +501,22 @@ def test_frozen_networks_keep_the_base_values(tmp_path):
         for k, v in original.items():
             if not k.startswith(UNET):
                 assert saved[k].dtype == expect and torch.equal(saved[k], v.to(expect)), k
+
+
+def test_class_images_are_topped_up_not_redone(base, tmp_path):
+    from PIL import Image
+
+    cls = tmp_path / "cls"
+    cls.mkdir()
+    for name in ("mine-a.png", "mine-b.jpg"):
+        Image.new("RGB", (40, 40), "red").save(cls / name)
+    before = {p.name: p.read_bytes() for p in cls.iterdir()}
+    dreambooth(base, tmp_path / "o", "--iterations", "1", "--class-dir", str(cls))  # --class-img-count 4
+    after = sorted(p.name for p in cls.iterdir())
+    assert after == ["0000.png", "0001.png", "mine-a.png", "mine-b.jpg"]
+    assert all((cls / n).read_bytes() == b for n, b in before.items()), "supplied images are used as they are"
+    made = {n: (cls / n).read_bytes() for n in ("0000.png", "0001.png")}
+    (cls / "0001.png").unlink()  # as if generation had been interrupted
+    dreambooth(base, tmp_path / "o2", "--iterations", "1", "--class-dir", str(cls))
+    assert (cls / "0000.png").read_bytes() == made["0000.png"], "existing images are not redone"
+    assert (cls / "0001.png").read_bytes() == made["0001.png"], "the missing one is made again, the same"
