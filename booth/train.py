@@ -346,124 +346,174 @@ class Interrupted(Exception):
 
 def train(cfg: TrainConfig, run: Path, resume: bool = False, dist: Dist | None = None) -> Path:
     """Run (or resume) DreamBooth in `run`; returns the last checkpoint written."""
-    from .hub import resolve
-
     dist = dist or setup_distributed(cfg.devices)
-    device = dist.device
-    amp_dtype, frozen_dtype = dtypes(cfg.precision, device)
-    amp = autocast(device, amp_dtype)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    task = DreamBooth(cfg, run, dist)
+    return fit(task, cfg, run, dist, resume)
 
-    # -- the base model: the UNet in fp32 (master weights), frozen networks in half precision
-    base = resolve(cfg.model)
-    ckpt = read_checkpoint(base)
-    base_hash = file_hash(base) if base.is_file() else ""
-    # Frozen networks are saved as the base had them; their device copies hold exactly those values unless
-    # they were rounded to a half precision other than the one checkpoints are saved in.
-    save_dtype = torch.float16 if cfg.save_precision == "fp16" else torch.float32
-    lossy = frozen_dtype not in (torch.float32, save_dtype)
-    base_info = {"dtypes": {k: v.dtype for k, v in ckpt.state_dict.items()},
-                 "originals": {k: v for k, v in ckpt.state_dict.items() if lossy and not k.startswith(UNET)}}  # fmt: skip
-    model = load_model(ckpt, device, None)
-    model.unet.float()
-    model.vae.to(frozen_dtype)
-    model.text_encoder.to(torch.float32 if cfg.train_text_encoder else frozen_dtype)
-    sd = StableDiffusion(model, device, frozen_dtype, ckpt.name, base_hash)
 
-    # -- class images, drawn by the base model before any training
-    class_paths = class_images(cfg, run, sd, amp, dist)
+class DreamBooth:
+    """The DreamBooth task for `fit`: its model, data, loss, checkpoint and previews."""
 
-    # -- data
-    aug = Augment(flip=cfg.flip, resize=cfg.random_resize, jitter=cfg.color_jitter)
-    sets = {"instance": ImageSet(find_images(cfg.instance_dir, "instance"), tuple(cfg.hw), aug)}
-    if class_paths:
-        sets["class"] = ImageSet(class_paths, tuple(cfg.hw), aug)
-    gens = {"data": torch.Generator().manual_seed(cfg.seed)}
-    batches = Batches(cfg, sets, gens["data"], dist, model.vae, model.config.scale_factor, frozen_dtype)
+    def __init__(self, cfg: TrainConfig, run: Path, dist: Dist):
+        from .hub import resolve
 
-    # -- what trains, and how
-    model.unet.requires_grad_(True).train()
-    model.unet.gradient_checkpointing = cfg.gradient_checkpointing
-    params = list(model.unet.parameters())
-    if cfg.train_text_encoder:
-        model.text_encoder.requires_grad_(True).train()
-        params += list(model.text_encoder.parameters())
-    unet = _wrap_ddp(model.unet, dist)
-    optimizer = _optimizer(cfg, params)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    alphas_cumprod = sd.schedule.alphas_cumprod.to(device)
+        self.cfg, self.dist = cfg, dist
+        device = dist.device
+        self.amp_dtype, frozen_dtype = dtypes(cfg.precision, device)
+        self.amp = amp = autocast(device, self.amp_dtype)
 
-    # -- prompts: encoded once, unless the text encoder trains
-    ids = sd.tokenizer([cfg.instance_text, cfg.class_text]).to(device)
-    if cfg.train_text_encoder:
-        text_encoder = _wrap_ddp(model.text_encoder, dist)
-        encode_text = lambda: _encode(text_encoder, ids, amp)  # noqa: E731
-    else:
-        with torch.no_grad():
-            fixed = _encode(model.text_encoder, ids, amp)
-        encode_text = lambda: fixed  # noqa: E731
+        # -- the base model: the UNet in fp32 (master weights), frozen networks in half precision
+        base = resolve(cfg.model)
+        ckpt = read_checkpoint(base)
+        base_hash = file_hash(base) if base.is_file() else ""
+        # Frozen networks are saved as the base had them; their device copies hold exactly those values unless
+        # they were rounded to a half precision other than the one checkpoints are saved in.
+        save_dtype = torch.float16 if cfg.save_precision == "fp16" else torch.float32
+        lossy = frozen_dtype not in (torch.float32, save_dtype)
+        self.base = {"dtypes": {k: v.dtype for k, v in ckpt.state_dict.items()},
+                     "originals": {k: v for k, v in ckpt.state_dict.items() if lossy and not k.startswith(UNET)}}  # fmt: skip
+        self.model = model = load_model(ckpt, device, None)
+        model.unet.float()
+        model.vae.to(frozen_dtype)
+        model.text_encoder.to(torch.float32 if cfg.train_text_encoder else frozen_dtype)
+        self.sd = StableDiffusion(model, device, frozen_dtype, ckpt.name, base_hash)
 
-    # -- resume
-    step = _resume(run, cfg, model, optimizer, scaler, batches, gens, device) if resume else 0
+        # -- class images, drawn by the base model before any training
+        class_paths = class_images(cfg, run, self.sd, amp, dist)
+
+        # -- data
+        aug = Augment(flip=cfg.flip, resize=cfg.random_resize, jitter=cfg.color_jitter)
+        sets = {"instance": ImageSet(find_images(cfg.instance_dir, "instance"), tuple(cfg.hw), aug)}
+        if class_paths:
+            sets["class"] = ImageSet(class_paths, tuple(cfg.hw), aug)
+        self.gens = {"data": torch.Generator().manual_seed(cfg.seed)}
+        self.batches = Batches(
+            cfg, sets, self.gens["data"], dist, model.vae, model.config.scale_factor, frozen_dtype
+        )
+
+        # -- what trains
+        model.unet.requires_grad_(True).train()
+        model.unet.gradient_checkpointing = cfg.gradient_checkpointing
+        self.params = list(model.unet.parameters())
+        if cfg.train_text_encoder:
+            model.text_encoder.requires_grad_(True).train()
+            self.params += list(model.text_encoder.parameters())
+        self.unet = _wrap_ddp(model.unet, dist)
+        self.alphas_cumprod = self.sd.schedule.alphas_cumprod.to(device)
+
+        # -- prompts: encoded once, unless the text encoder trains
+        ids = self.sd.tokenizer([cfg.instance_text, cfg.class_text]).to(device)
+        if cfg.train_text_encoder:
+            text_encoder = _wrap_ddp(model.text_encoder, dist)
+            self.encode_text = lambda: _encode(text_encoder, ids, amp)
+        else:
+            with torch.no_grad():
+                fixed = _encode(model.text_encoder, ids, amp)
+            self.encode_text = lambda: fixed
+        self.meta = {"booth.base_model": str(cfg.model), "booth.base_hash": base_hash,
+                     "booth.instance_prompt": cfg.instance_text, "booth.class_prompt": cfg.class_text,
+                     "booth.train": json.dumps(_hyper(cfg))}  # fmt: skip
+
+    def losses(self) -> dict[str, torch.Tensor]:
+        x0, image_gens, n_inst = self.batches.next()
+        loss, inst, prior = _forward(self.cfg, x0, image_gens, n_inst, self.unet, self.encode_text,
+                                     self.alphas_cumprod, self.amp)  # fmt: skip
+        return {"loss": loss, "instance_loss": inst, "prior_loss": prior}
+
+    def save(self, run: Path, step: int) -> Path:
+        return save_model(run, step, self.model, self.cfg, self.meta, self.base)
+
+    def state_dict(self) -> dict:
+        state = {"unet": self.model.unet.state_dict(), "data": self.batches.state_dict()}
+        if self.cfg.train_text_encoder:
+            state["text_encoder"] = self.model.text_encoder.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.unet.load_state_dict(state["unet"])
+        if self.cfg.train_text_encoder:
+            self.model.text_encoder.load_state_dict(state["text_encoder"])
+        self.batches.load_state_dict(state["data"])
+
+    def preview(self, run: Path, step: int) -> None:
+        _preview(self.cfg, run, step, self.sd, self.amp)
+
+
+def fit(
+    task, cfg: TrainConfig, run: Path, dist: Dist, resume: bool = False, command: str = "booth dreambooth"
+) -> Path:
+    """The training loop shared by every booth task: mixed precision with fp32 master weights, gradient
+    accumulation and clipping, DDP, metrics, atomic checkpoints and resumable state, Ctrl-C, NaN stop.
+    `task` supplies `params`, `gens`, `losses()`, `save()`, `state_dict()`, `load_state_dict()`, `preview()`."""
+    device = dist.device
+    optimizer = _optimizer(cfg, task.params)
+    scaler = torch.amp.GradScaler(device.type, enabled=task.amp_dtype == torch.float16)
+    step = _resume(run, cfg, task, optimizer, scaler) if resume else 0
     if dist.main:
         _truncate_metrics(run / "metrics.jsonl", step)
-    meta = {"booth.base_model": str(cfg.model), "booth.base_hash": base_hash, "booth.instance_prompt": cfg.instance_text,
-            "booth.class_prompt": cfg.class_text, "booth.train": json.dumps(_hyper(cfg))}  # fmt: skip
     writer = _tensorboard(run) if dist.main else None
-
-    # -- the loop
     last_ckpt, t_last = None, time.perf_counter()
-    bar = tqdm(total=cfg.iterations, initial=step, desc="dreambooth", unit="step", file=sys.stderr,
+    bar = tqdm(total=cfg.iterations, initial=step, desc=command.split()[-1], unit="step", file=sys.stderr,
                disable=not dist.main, dynamic_ncols=True)  # fmt: skip
     with bar, StopFlag() as stop, _oom_hint(cfg):
         while step < cfg.iterations:
             lr = cfg.learning_rate * min(1.0, (step + 1) / max(1, cfg.lr_warmup))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            totals = torch.zeros(3, device=device)
+            totals = {}
             for _ in range(cfg.grad_accum):
-                x0, image_gens, n_inst = batches.next()
-                losses = _forward(cfg, x0, image_gens, n_inst, unet, encode_text, alphas_cumprod, amp)
-                scaler.scale(losses[0] / cfg.grad_accum).backward()
-                totals += torch.stack([v.detach() for v in losses]) / cfg.grad_accum
+                losses = task.losses()
+                scaler.scale(losses["loss"] / cfg.grad_accum).backward()
+                for k, v in losses.items():
+                    totals[k] = totals.get(k, 0) + v.detach().float() / cfg.grad_accum
+            values = torch.stack(list(totals.values()))
             if dist.world > 1:
-                torch.distributed.all_reduce(totals)
-                totals /= dist.world
-            loss, inst, prior = totals.tolist()
-            if not math.isfinite(loss):
+                torch.distributed.all_reduce(values)
+                values /= dist.world
+            logged = dict(zip(totals, values.tolist()))
+            if not math.isfinite(logged["loss"]):
                 raise BoothError(
-                    f"the loss became {loss} at step {step + 1}; stopping. The last good checkpoint is "
+                    f"the loss became {logged['loss']} at step {step + 1}; stopping. The last good checkpoint is "
                     f"{last_ckpt or 'not written yet'}. Try a lower --learning-rate, or --precision bf16 or fp32"
                 )
             scaler.unscale_(optimizer)
             if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(task.params, cfg.max_grad_norm)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
             now = time.perf_counter()
-            record = {"step": step, "loss": loss, "instance_loss": inst, "prior_loss": prior, "lr": lr,
-                      "seconds": now - t_last, "peak_memory_mb": peak_memory_mb(device)}  # fmt: skip
+            record = {
+                "step": step,
+                **logged,
+                "lr": lr,
+                "seconds": now - t_last,
+                "peak_memory_mb": peak_memory_mb(device),
+            }
             t_last = now
-            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.set_postfix(loss=f"{logged['loss']:.4f}")
             bar.update(1)
             saving = step == cfg.iterations or bool(cfg.save_every and step % cfg.save_every == 0)
+            state = lambda: {"format": STATE_FORMAT, "step": step, "task": task.state_dict(),  # noqa: B023
+                             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                             "rng": rng_state(task.gens)}  # fmt: skip
             if dist.main:
                 _log_metrics(run, record, writer)
                 if saving:
-                    with _disk_errors(run):
-                        last_ckpt = save_model(run, step, model, cfg, meta, base_info)
-                        save_state(run, _state(step, model, optimizer, scaler, batches, gens, cfg))
+                    with _disk_errors(run, command):
+                        last_ckpt = task.save(run, step)
+                        save_state(run, state())
                 if cfg.sample_every and step % cfg.sample_every == 0:
-                    _preview(cfg, run, step, sd, amp)
+                    task.preview(run, step)
             if stop.requested:
                 if dist.main and not saving:
-                    save_state(run, _state(step, model, optimizer, scaler, batches, gens, cfg))
+                    save_state(run, state())
                 dist.barrier()
-                raise Interrupted(f"stopped at step {step}; continue with: booth dreambooth -r {run}")
+                raise Interrupted(f"stopped at step {step}; continue with: {command} -r {run}")
             if saving:
                 dist.barrier()
     if writer is not None:
@@ -576,15 +626,7 @@ def _forward(cfg: TrainConfig, x0, gens, n_inst, unet, encode_text, alphas_cumpr
     return dreambooth_loss(pred, noise, n_inst, cfg.lamb, weights)
 
 
-def _state(step, model, optimizer, scaler, batches, gens, cfg) -> dict:
-    state = {"format": STATE_FORMAT, "step": step, "unet": model.unet.state_dict(), "optimizer": optimizer.state_dict(),
-             "scaler": scaler.state_dict(), "data": batches.state_dict(), "rng": rng_state(gens)}  # fmt: skip
-    if cfg.train_text_encoder:
-        state["text_encoder"] = model.text_encoder.state_dict()
-    return state
-
-
-def _resume(run: Path, cfg, model, optimizer, scaler, batches, gens, device) -> int:
+def _resume(run: Path, cfg: TrainConfig, task, optimizer, scaler) -> int:
     path = newest_state(run)
     if path is None:
         raise BoothError(f"{run} has no training state to resume from (no {run / 'state'}/step-*.pt)")
@@ -594,15 +636,14 @@ def _resume(run: Path, cfg, model, optimizer, scaler, batches, gens, device) -> 
         raise BoothError(
             f"cannot read the training state {path} ({type(e).__name__}); it may be damaged"
         ) from None
+    if state.get("format") != STATE_FORMAT:
+        raise BoothError(f"{path} was written by another version of booth; it cannot be resumed")
     if state["step"] > cfg.iterations:
         raise BoothError(f"{run} is already at step {state['step']}; give --iterations of at least that")
-    model.unet.load_state_dict(state["unet"])
-    if cfg.train_text_encoder:
-        model.text_encoder.load_state_dict(state["text_encoder"])
+    task.load_state_dict(state["task"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
-    batches.load_state_dict(state["data"])
-    load_rng_state(state["rng"], gens)
+    load_rng_state(state["rng"], task.gens)
     print(f"booth: resuming {run} at step {state['step']}", file=sys.stderr)
     return state["step"]
 
@@ -654,13 +695,13 @@ def _preview(cfg: TrainConfig, run: Path, step: int, sd: StableDiffusion, amp) -
 
 
 @contextlib.contextmanager
-def _disk_errors(run: Path):
+def _disk_errors(run: Path, command: str):
     try:
         yield
     except OSError as e:
         raise BoothError(
             f"cannot save into {run} ({e.strerror or e}); earlier checkpoints and state are intact: free space, "
-            f"then continue with booth dreambooth -r {run}"
+            f"then continue with {command} -r {run}"
         ) from None
 
 

@@ -439,7 +439,7 @@ def test_options_run_and_cache_latents_matches_encoding(base, tmp_path):
     d = dreambooth(base, tmp_path / "d", "--iterations", "2", "-l", "0", "--precision", "fp16") / "run0"
     state = torch.load(d / "state" / "step-000002.pt", weights_only=True)
     assert state["scaler"]["scale"] > 0, "fp16 trains with loss scaling"
-    assert all(v.dtype == torch.float32 for v in state["unet"].values()), "master weights stay fp32"
+    assert all(v.dtype == torch.float32 for v in state["task"]["unet"].values()), "master weights stay fp32"
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
