@@ -454,6 +454,7 @@ def diffusers_config(folder: Path) -> ModelConfig:
         num_heads=heads if isinstance(heads, int) else heads[0],
         transformer_depth=depth if isinstance(depth, int) else depth[0],
         context_dim=u.get("cross_attention_dim", 768),
+        norm_groups=u.get("norm_num_groups", 32),
     )
     vboc = v["block_out_channels"]
     vae = VAEConfig(
@@ -464,6 +465,7 @@ def diffusers_config(folder: Path) -> ModelConfig:
         num_res_blocks=v.get("layers_per_block", 2),
         z_channels=v.get("latent_channels", 4),
         embed_dim=v.get("latent_channels", 4),
+        norm_groups=v.get("norm_num_groups", 32),
     )
     clip = CLIPConfig(
         vocab_size=t.get("vocab_size", 49408),

@@ -47,7 +47,7 @@ def _sampling_args(p: argparse.ArgumentParser, hw_default) -> None:
     p.add_argument(
         "-o", "--output-dir", default="outputs", help="runs go to OUTPUT_DIR/runK/ (default outputs)"
     )
-    p.add_argument("--hw", nargs=2, type=int, metavar=("H", "W"), default=hw_default, help=f"image height and width, multiples of 8 (default {hw_default[0]} {hw_default[1]})" if hw_default else "image height and width, multiples of 8 (default: the input image's size, scaled down to fit 768)")  # fmt: skip
+    p.add_argument("--hw", nargs=2, type=int, metavar=("H", "W"), default=None, help="image height and width, multiples of 8 (default: the model's own size, 512 for SD1)" if hw_default == "model" else "image height and width, multiples of 8 (default: the input image's size, scaled down to fit 768)")  # fmt: skip
     p.add_argument(
         "--steps",
         "--ddim-steps",
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "txt2img", help="generate images from a prompt", description="Generate images from a prompt."
     )
-    _sampling_args(t, [512, 512])
+    _sampling_args(t, "model")
     t.set_defaults(func=run_txt2img)
 
     i = sub.add_parser("img2img", help="repaint an image guided by a prompt", description="Repaint an image.")
@@ -109,6 +109,29 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=run_img2img)
 
     _dreambooth_args(sub)
+
+    from .demo import DemoRecipe
+
+    r = DemoRecipe()
+    td = sub.add_parser("train-demo", help="train the built-in demo model from scratch",
+                        description="Train booth's demo model (the one `-m demo` loads) on synthetic shapes: the VAE, "
+                        "then the UNet and text encoder. The defaults reproduce the shipped weights, about an hour "
+                        "on 2 CPU cores.")  # fmt: skip
+    td.add_argument(
+        "-o", "--output-dir", default="outputs", help="runs go to OUTPUT_DIR/runK/ (default outputs)"
+    )
+    td.add_argument("-r", "--resume-dir", metavar="RUN", help="continue RUN where it stopped")
+    td.add_argument("--seed", type=int, default=r.seed, help=f"default {r.seed}")
+    td.add_argument("--vae-steps", type=int, default=r.vae_steps, help=f"default {r.vae_steps}")
+    td.add_argument("--unet-steps", type=int, default=r.unet_steps, help=f"default {r.unet_steps}")
+    td.add_argument(
+        "--scenes",
+        type=int,
+        default=r.scenes,
+        help=f"captioned scenes in the training set (default {r.scenes})",
+    )
+    td.add_argument("-d", "--device", default=None, help="default: first GPU, else cpu")
+    td.set_defaults(func=run_train_demo)
 
     dl = sub.add_parser("download", help="download model weights into the Hugging Face cache",
                         description="Download weights: an alias (sd15, sd14), a repo id, or a repo id and a file.")  # fmt: skip
@@ -347,7 +370,7 @@ def _settings(args):
         if value is not None and not math.isfinite(value):
             raise BoothError(f"{flag} must be a finite number (got {value})")
     eta = args.eta = args.eta if args.eta is not None else (0.0 if args.sampler == "ddim" else 1.0)
-    h, w = args.hw or (512, 512)
+    h, w = args.hw or (None, None)
     s = Settings(args.steps, args.sampler, args.schedule, args.scale, eta, h, w, args.clip_skip)
     s.validate()
     if args.variations < 1:
@@ -500,7 +523,9 @@ def _validated(cfg):
     from .data import find_images
     from .pipeline import Settings
 
-    Settings(cfg.ddim_steps, cfg.sampler, cfg.schedule, cfg.scale, cfg.ddim_eta, *cfg.hw).validate()
+    Settings(
+        cfg.ddim_steps, cfg.sampler, cfg.schedule, cfg.scale, cfg.ddim_eta, *(cfg.hw or (None, None))
+    ).validate()
     for flag, value, low in (("--iterations", cfg.iterations, 1), ("--batch-size", cfg.batch_size, 1),
                              ("--grad-accum", cfg.grad_accum, 1), ("--class-img-count", cfg.class_img_count, 0),
                              ("--generation-batch-size", cfg.generation_batch_size, 1), ("--lr-warmup", cfg.lr_warmup, 0),
@@ -546,6 +571,42 @@ def _prepare_run(cfg, args, resume: bool, dist) -> Path:
         write_text(run / "args.yaml", cfg.to_yaml())
         log(f"booth: DreamBooth run in {run}")
     return Path(broadcast(str(run) if run else None, dist))
+
+
+def run_train_demo(args) -> int:
+    import dataclasses
+
+    import yaml
+
+    from .atomic import write_text
+    from .demo import DemoRecipe, train_demo
+    from .train import Dist, Interrupted
+
+    if args.resume_dir:
+        run = Path(args.resume_dir)
+        if not (run / "recipe.yaml").is_file():
+            raise BoothError(f"{run} is not a train-demo run (no recipe.yaml)")
+        recipe = DemoRecipe(**yaml.safe_load((run / "recipe.yaml").read_text()))
+    else:
+        recipe = DemoRecipe(
+            seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps, scenes=args.scenes
+        )
+        for name in ("vae_steps", "unet_steps", "scenes"):
+            if getattr(recipe, name) < 1:
+                raise BoothError(f"--{name.replace('_', '-')} must be at least 1")
+        out = Path(args.output_dir)
+        check_writable(out)
+        run = new_run_dir(out)
+        write_text(run / "recipe.yaml", yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
+        log(f"booth: training the demo model in {run}")
+    try:
+        path = train_demo(recipe, run, Dist(device=pick_device(args.device)), resume=bool(args.resume_dir))
+    except Interrupted as e:
+        log(f"booth: {e}")
+        return 130
+    print(path, flush=True)
+    log(f'booth: done. Try: booth txt2img -m {path} -p "a red circle on a blue background" -v 4')
+    return 0
 
 
 def _launch_distributed(n: int, argv: list[str]) -> int:

@@ -23,6 +23,7 @@ class UNetConfig:
     num_heads: int = 8
     transformer_depth: int = 1
     context_dim: int = 768
+    norm_groups: int = 32  # GroupNorm groups; small models need fewer so each group spans several channels
 
     def __post_init__(self):
         # One spelling per config, so configs read from different sources compare equal.
@@ -40,6 +41,7 @@ class VAEConfig:
     num_res_blocks: int = 2
     z_channels: int = 4
     embed_dim: int = 4
+    norm_groups: int = 32
 
     @property
     def downscale(self) -> int:
@@ -66,6 +68,7 @@ class ModelConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
+    sample_size: int = 512  # the image side the model was trained at: the default --hw
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

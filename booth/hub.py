@@ -24,6 +24,8 @@ ALIASES: dict[str, tuple[str, str | None]] = {
     "sd14": ("CompVis/stable-diffusion-v-1-4-original", "sd-v1-4.ckpt"),
 }
 DEFAULT_MODEL = "sd15"
+# booth's own small model, trained by booth on synthetic shapes and shipped in the package (see booth.demo).
+DEMO_FILE = pathlib.Path(__file__).parent / "data" / "demo.safetensors"
 
 CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".bin")
 # The diffusers sub-models booth loads; anything else in a pipeline repo (safety_checker, ...) is skipped.
@@ -99,6 +101,12 @@ def parse(spec: str) -> pathlib.Path | HubTarget:
     local = pathlib.Path(spec).expanduser()
     if spec and local.exists():
         return local
+    if spec == "demo":
+        if not DEMO_FILE.is_file():
+            raise BoothError(
+                f"the demo model is missing from this installation ({DEMO_FILE}); reinstall booth"
+            )
+        return DEMO_FILE
     if spec in ALIASES:
         repo, filename = ALIASES[spec]
         return HubTarget(repo, filename)
@@ -110,7 +118,7 @@ def parse(spec: str) -> pathlib.Path | HubTarget:
         return HubTarget(spec)
     if _looks_like_path(spec):
         raise BoothError(f"checkpoint not found: {spec}")
-    aliases = ", ".join(ALIASES)
+    aliases = ", ".join(["demo", *ALIASES])
     raise BoothError(
         f"unknown model {spec!r}: use an alias ({aliases}), a local checkpoint file or folder, "
         "a Hugging Face repo OWNER/NAME, a file OWNER/NAME/FILE.safetensors, or a huggingface.co URL"

@@ -17,5 +17,5 @@ def attention(
     return out.transpose(1, 2).reshape(b, lq, c)
 
 
-def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=eps)
+def group_norm(channels: int, eps: float = 1e-5, groups: int = 32) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=eps)

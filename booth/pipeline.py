@@ -7,6 +7,7 @@ device, or on whether diffusers or booth made it (same weights, same sampler).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -37,8 +38,8 @@ class Settings:
     schedule: str = "karras"
     scale: float = 7.5
     eta: float = 0.0
-    height: int = 512
-    width: int = 512
+    height: int | None = None  # None: the model's own size (config.sample_size: 512 for SD1)
+    width: int | None = None
     clip_skip: int = 1
 
     def validate(self) -> None:
@@ -52,7 +53,8 @@ class Settings:
             )
         if self.steps < 1:
             raise BoothError(f"steps must be at least 1 (got {self.steps})")
-        if self.height % 8 or self.width % 8 or min(self.height, self.width) < 8:
+        h, w = self.height or 8, self.width or 8
+        if h % 8 or w % 8 or min(h, w) < 8:
             raise BoothError(
                 f"height and width must be positive multiples of 8 (got {self.height}x{self.width})"
             )
@@ -125,6 +127,11 @@ class StableDiffusion:
         z = [mean.float() + std * sampling.randn(mean.shape, g, self.device) for g in generators]
         return torch.cat(z) * self.config.scale_factor
 
+    def resolve(self, settings: Settings) -> Settings:
+        """A copy of `settings` with the image size filled in from the model when not given."""
+        size = self.config.sample_size
+        return dataclasses.replace(settings, height=settings.height or size, width=settings.width or size)
+
     def sigmas(self, settings: Settings) -> torch.Tensor:
         return sampling.SCHEDULES[settings.schedule](self.schedule, settings.steps)
 
@@ -135,7 +142,7 @@ class StableDiffusion:
                          strength: float = 0.75) -> Iterator[dict]:  # fmt: skip
         """Yield the sampler's state after each step (`x`, `denoised`, `i`, `sigma`, ...); the final dict also
         carries `latents`, the result ready for `decode`. With `image` (1,3,H,W in [-1,1]) this is img2img."""
-        s = settings or Settings()
+        s = self.resolve(settings or Settings())
         s.validate()
         generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
         cond, uncond = self.encode_prompt(
@@ -194,6 +201,7 @@ class StableDiffusion:
                 callback=None, **kwargs) -> list[Image.Image]:  # fmt: skip
         """Repaint `image` (PIL, resized to settings' size, or a (1,3,H,W) tensor in [-1, 1])."""
         s = _settings(settings, kwargs)
+        s = self.resolve(s)
         tensor = image if isinstance(image, torch.Tensor) else to_tensor(image, (s.height, s.width))
         s.height, s.width = tensor.shape[-2:]
         return self._run(prompt, negative_prompt, seeds, s, tensor, strength, callback)

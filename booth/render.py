@@ -89,7 +89,7 @@ def _load_each(paths: Sequence[Path], ema: bool, device, dtype) -> Iterator[Stab
 def _render_one(
     sd: StableDiffusion, job: Job, folder: Path, label: str | None
 ) -> Iterator[tuple[Image.Image, Path]]:
-    s, index = job.settings, 0
+    s, index = sd.resolve(job.settings), 0
     per_batch = steps_to_run(s.steps, job.strength) if job.image is not None else s.steps
     bar = tqdm(total=len(job.batches()) * per_batch, desc=label or "sampling", unit="step", file=sys.stderr,
                dynamic_ncols=True, leave=False)  # fmt: skip
@@ -103,21 +103,25 @@ def _render_one(
                     job.image, job.prompt, job.negative_prompt, seeds, job.strength, s, callback=step
                 )
             for image, seed in zip(images, seeds):
-                out = save_png(image, folder / f"{index:04d}.png", _parameters(sd, job, seed))
+                text = parameters_text(
+                    sd, job.prompt, job.negative_prompt, s, seed, job.strength if job.image else None
+                )
+                out = save_png(image, folder / f"{index:04d}.png", text)
                 index += 1
                 yield image, out
 
 
-def _parameters(sd: StableDiffusion, job: Job, seed: int) -> str:
-    s = job.settings
+def parameters_text(sd: StableDiffusion, prompt: str, negative_prompt: str, s: Settings, seed: int,
+                    strength: float | None = None) -> str:  # fmt: skip
+    """AUTOMATIC1111's `parameters` text for one image made by `sd` with settings `s`."""
     params = {
         "Steps": s.steps, "Sampler": SAMPLER_NAMES[s.sampler], "Schedule type": SCHEDULE_NAMES[s.schedule],
         "CFG scale": s.scale, "Seed": seed, "Size": f"{s.width}x{s.height}", "Model hash": sd.model_hash,
-        "Model": sd.name, "Denoising strength": job.strength if job.image is not None else None,
+        "Model": sd.name, "Denoising strength": strength,
         "Eta": s.eta if s.sampler in ("ddim", "euler_a", "dpmpp_2m_sde") else None,
         "Clip skip": s.clip_skip if s.clip_skip > 1 else None, "Version": f"booth {__version__}",
     }  # fmt: skip
-    return infotext(job.prompt, job.negative_prompt, params)
+    return infotext(prompt, negative_prompt, params)
 
 
 @contextlib.contextmanager

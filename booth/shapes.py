@@ -115,7 +115,8 @@ class Judgement:
     color: str
     background: str
     shape: str
-    fill: float  # foreground area / bounding-box area
+    compactness: float  # foreground area / area of the circle through its farthest pixel
+    solidity: float  # foreground area / area of its convex hull
     center: tuple[float, float]  # foreground centroid, as fractions of the side
 
 
@@ -126,24 +127,49 @@ def nearest_color(rgb: np.ndarray) -> str:
 
 
 def judge(image: Image.Image) -> Judgement:
-    """What a shape image shows, from pixel statistics alone: the background is the colour of the border, the
-    foreground the largest group of pixels far from it; the fill ratio of the foreground's bounding box tells
-    the shape (square 1, circle pi/4, triangle about 1/2, star about 0.35)."""
+    """What a shape image shows, from pixel statistics alone. The background is the colour of the border; the
+    foreground is the pixels far from it. Two rotation-invariant measures tell the shape: solidity (area over
+    convex-hull area) singles out the star, and compactness (area over the circle through the farthest pixel:
+    circle 1, square 2/pi, triangle 0.41) separates the convex ones."""
     px = np.asarray(image.convert("RGB"), dtype=np.float32)
     border = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]])
     bg_rgb = np.median(border, axis=0)
     far = np.sqrt(((px - bg_rgb) ** 2).sum(-1)) > 80
     background = nearest_color(bg_rgb)
     if far.sum() < 0.01 * far.size:
-        return Judgement("none", background, "none", 0.0, (0.5, 0.5))
+        return Judgement("none", background, "none", 0.0, 0.0, (0.5, 0.5))
     color = nearest_color(np.median(px[far], axis=0))
     ys, xs = np.nonzero(far)
-    box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-    fill = float(far.sum() / box)
-    shape = min(_FILL, key=lambda s: abs(_FILL[s] - fill))
+    pts = np.stack([xs, ys], axis=1).astype(np.float64)
+    center = pts.mean(axis=0)
+    rmax = np.sqrt(((pts - center) ** 2).sum(1)).max() + 0.5  # to the pixel's edge, not its centre
+    compactness = float(len(pts) / (math.pi * rmax**2))
+    inner = far.copy()  # the hull only needs the boundary pixels
+    inner[1:-1, 1:-1] = far[1:-1, 1:-1] & far[:-2, 1:-1] & far[2:, 1:-1] & far[1:-1, :-2] & far[1:-1, 2:]
+    by, bx = np.nonzero(far & ~inner)
+    edge = np.stack([bx, by], axis=1).astype(np.float64) if len(bx) else pts
+    solidity = float(len(pts) / max(_hull_area(edge), 1.0))
+    if solidity < 0.8:
+        shape = "star"
+    else:
+        shape = "circle" if compactness > 0.8 else "square" if compactness > 0.52 else "triangle"
     h, w = far.shape
-    return Judgement(color, background, shape, fill, (float(xs.mean() / w), float(ys.mean() / h)))
+    return Judgement(color, background, shape, compactness, solidity, (center[0] / w, center[1] / h))
 
 
-# Typical fill ratios of each shape's bounding box, measured on drawn samples (rotations included).
-_FILL = {"square": 0.9, "circle": 0.76, "triangle": 0.5, "star": 0.33}
+def _hull_area(pts: np.ndarray) -> float:
+    """Area of the convex hull of pixel squares (Andrew's monotone chain over their corners)."""
+    corners = np.unique(np.concatenate([pts + d for d in ((0, 0), (1, 0), (0, 1), (1, 1))]), axis=0)
+    corners = corners[np.lexsort((corners[:, 1], corners[:, 0]))]
+
+    def half(points):
+        chain = []
+        for p in points:
+            while len(chain) >= 2 and np.cross(chain[-1] - chain[-2], p - chain[-2]) <= 0:
+                chain.pop()
+            chain.append(p)
+        return chain
+
+    hull = np.array(half(corners)[:-1] + half(corners[::-1])[:-1])
+    x, y = hull[:, 0], hull[:, 1]
+    return 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))

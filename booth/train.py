@@ -29,13 +29,13 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from . import __version__
 from .atomic import atomic_path, write_text
 from .checkpoint import TEXT, UNET, file_hash, load_model, read_checkpoint, save_checkpoint
 from .data import Augment, Cycler, ImageSet, find_images, prepare
 from .errors import BoothError
-from .images import infotext, save_png
-from .pipeline import SAMPLER_NAMES, SCHEDULE_NAMES, Settings, StableDiffusion
+from .images import save_png
+from .pipeline import Settings, StableDiffusion
+from .render import parameters_text
 
 STATE_FORMAT = 1
 
@@ -53,7 +53,7 @@ class TrainConfig:
     class_dir: str | None = None
     class_img_count: int = 200
     generation_batch_size: int = 4
-    hw: tuple[int, int] = (512, 512)
+    hw: tuple[int, int] | None = None  # None: the base model's own size (512 for SD1)
     ddim_steps: int = 25  # class-image sampling steps (booth's sampler defaults)
     sampler: str = "dpmpp_2m"
     schedule: str = "karras"
@@ -93,7 +93,7 @@ class TrainConfig:
 
     def to_yaml(self) -> str:
         d = dataclasses.asdict(self)
-        d["hw"] = list(self.hw)
+        d["hw"] = list(self.hw) if self.hw else None
         return yaml.safe_dump(d, sort_keys=False, allow_unicode=True)
 
     @classmethod
@@ -101,7 +101,7 @@ class TrainConfig:
         d = yaml.safe_load(text) or {}
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
-        if "hw" in d:
+        if d.get("hw"):
             d["hw"] = tuple(d["hw"])
         return cls(**d)
 
@@ -226,10 +226,8 @@ def _generate_class_images(cfg, folder: Path, todo: list[int], sd: StableDiffusi
             with amp:
                 images = sd.txt2img(cfg.class_text, "", [seed0 + i for i in chunk], s)
             for i, image in zip(chunk, images):
-                params = {"Steps": s.steps, "Sampler": SAMPLER_NAMES[s.sampler], "Schedule type": SCHEDULE_NAMES[s.schedule],
-                          "CFG scale": s.scale, "Seed": seed0 + i, "Size": f"{w}x{h}", "Model hash": sd.model_hash,
-                          "Model": sd.name, "Version": f"booth {__version__}"}  # fmt: skip
-                save_png(image, folder / f"{i:04d}.png", infotext(cfg.class_text, "", params))
+                text = parameters_text(sd, cfg.class_text, "", s, seed0 + i)
+                save_png(image, folder / f"{i:04d}.png", text)
             bar.update(len(chunk))
 
 
@@ -375,6 +373,7 @@ class DreamBooth:
         self.base = {"dtypes": {k: v.dtype for k, v in ckpt.state_dict.items()},
                      "originals": {k: v for k, v in ckpt.state_dict.items() if lossy and not k.startswith(UNET)}}  # fmt: skip
         self.model = model = load_model(ckpt, device, None)
+        cfg.hw = tuple(cfg.hw or (model.config.sample_size,) * 2)
         model.unet.float()
         model.vae.to(frozen_dtype)
         model.text_encoder.to(torch.float32 if cfg.train_text_encoder else frozen_dtype)
@@ -418,8 +417,10 @@ class DreamBooth:
 
     def losses(self) -> dict[str, torch.Tensor]:
         x0, image_gens, n_inst = self.batches.next()
-        loss, inst, prior = _forward(self.cfg, x0, image_gens, n_inst, self.unet, self.encode_text,
-                                     self.alphas_cumprod, self.amp)  # fmt: skip
+        ctx = self.encode_text()  # (2, L, C): instance prompt, class prompt
+        context = torch.cat([ctx[:1].expand(n_inst, -1, -1), ctx[1:2].expand(len(x0) - n_inst, -1, -1)])
+        loss, inst, prior = diffusion_loss(self.cfg, x0, image_gens, context, n_inst, self.unet, self.alphas_cumprod,
+                                           self.amp)  # fmt: skip
         return {"loss": loss, "instance_loss": inst, "prior_loss": prior}
 
     def save(self, run: Path, step: int) -> Path:
@@ -442,12 +443,19 @@ class DreamBooth:
 
 
 def fit(
-    task, cfg: TrainConfig, run: Path, dist: Dist, resume: bool = False, command: str = "booth dreambooth"
+    task,
+    cfg: TrainConfig,
+    run: Path,
+    dist: Dist,
+    resume: bool = False,
+    name: str = "dreambooth",
+    resume_command: str | None = None,
 ) -> Path:
     """The training loop shared by every booth task: mixed precision with fp32 master weights, gradient
     accumulation and clipping, DDP, metrics, atomic checkpoints and resumable state, Ctrl-C, NaN stop.
     `task` supplies `params`, `gens`, `losses()`, `save()`, `state_dict()`, `load_state_dict()`, `preview()`."""
     device = dist.device
+    resume_command = resume_command or f"booth {name} -r {run}"
     optimizer = _optimizer(cfg, task.params)
     scaler = torch.amp.GradScaler(device.type, enabled=task.amp_dtype == torch.float16)
     step = _resume(run, cfg, task, optimizer, scaler) if resume else 0
@@ -455,7 +463,7 @@ def fit(
         _truncate_metrics(run / "metrics.jsonl", step)
     writer = _tensorboard(run) if dist.main else None
     last_ckpt, t_last = None, time.perf_counter()
-    bar = tqdm(total=cfg.iterations, initial=step, desc=command.split()[-1], unit="step", file=sys.stderr,
+    bar = tqdm(total=cfg.iterations, initial=step, desc=name, unit="step", file=sys.stderr,
                disable=not dist.main, dynamic_ncols=True)  # fmt: skip
     with bar, StopFlag() as stop, _oom_hint(cfg):
         while step < cfg.iterations:
@@ -504,7 +512,7 @@ def fit(
             if dist.main:
                 _log_metrics(run, record, writer)
                 if saving:
-                    with _disk_errors(run, command):
+                    with _disk_errors(run, resume_command):
                         last_ckpt = task.save(run, step)
                         save_state(run, state())
                 if cfg.sample_every and step % cfg.sample_every == 0:
@@ -513,7 +521,7 @@ def fit(
                 if dist.main and not saving:
                     save_state(run, state())
                 dist.barrier()
-                raise Interrupted(f"stopped at step {step}; continue with: {command} -r {run}")
+                raise Interrupted(f"stopped at step {step}; continue with: {resume_command}")
             if saving:
                 dist.barrier()
     if writer is not None:
@@ -608,8 +616,9 @@ class Batches:
             c.load_state_dict(state[kind])
 
 
-def _forward(cfg: TrainConfig, x0, gens, n_inst, unet, encode_text, alphas_cumprod, amp):
-    """Noise clean latents at random timesteps, predict the noise, and return the DreamBooth loss."""
+def diffusion_loss(cfg: TrainConfig, x0, gens, context, n_inst, unet, alphas_cumprod, amp):
+    """Noise clean latents at random timesteps, predict the noise, and return the DreamBooth loss (the plain
+    diffusion loss when every row is an "instance"). `gens` has one generator per row; `context` (B, L, C)."""
     device = x0.device
     noise = torch.cat([torch.randn((1, *x0.shape[1:]), generator=g) for g in gens]).to(device)
     if cfg.noise_offset:  # (Guttenberg 2023) lets the model learn very dark and very bright images
@@ -618,8 +627,6 @@ def _forward(cfg: TrainConfig, x0, gens, n_inst, unet, encode_text, alphas_cumpr
     t = torch.cat([torch.randint(0, len(alphas_cumprod), (1,), generator=g) for g in gens]).to(device)
     a = alphas_cumprod[t].view(-1, 1, 1, 1)
     noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    ctx = encode_text()  # (2, L, C): instance prompt, class prompt
-    context = torch.cat([ctx[:1].expand(n_inst, -1, -1), ctx[1:2].expand(len(x0) - n_inst, -1, -1)])
     with amp:
         pred = unet(noisy, t.float(), context)
     weights = min_snr_weights(alphas_cumprod[t], cfg.snr_gamma) if cfg.snr_gamma else None
@@ -695,13 +702,13 @@ def _preview(cfg: TrainConfig, run: Path, step: int, sd: StableDiffusion, amp) -
 
 
 @contextlib.contextmanager
-def _disk_errors(run: Path, command: str):
+def _disk_errors(run: Path, resume_command: str):
     try:
         yield
     except OSError as e:
         raise BoothError(
             f"cannot save into {run} ({e.strerror or e}); earlier checkpoints and state are intact: free space, "
-            f"then continue with {command} -r {run}"
+            f"then continue with {resume_command}"
         ) from None
 
 

@@ -26,14 +26,14 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class ResBlock(nn.Module):
-    def __init__(self, channels: int, emb_channels: int, out_channels: int):
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int = 32):
         super().__init__()
         self.in_layers = nn.Sequential(
-            group_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            group_norm(channels, groups=groups), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
-            group_norm(out_channels),
+            group_norm(out_channels, groups=groups),
             nn.SiLU(),
             nn.Dropout(0.0),
             nn.Conv2d(out_channels, out_channels, 3, padding=1),
@@ -97,9 +97,9 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    def __init__(self, channels: int, heads: int, depth: int, context_dim: int):
+    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, groups: int = 32):
         super().__init__()
-        self.norm = group_norm(channels, eps=1e-6)
+        self.norm = group_norm(channels, eps=1e-6, groups=groups)
         self.proj_in = nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth)]
@@ -156,13 +156,13 @@ class UNetModel(nn.Module):
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
-        mc, emb_ch = cfg.model_channels, cfg.model_channels * 4
+        mc, emb_ch, g = cfg.model_channels, cfg.model_channels * 4, cfg.norm_groups
         self.model_channels = mc
         self.gradient_checkpointing = False
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
 
         def transformer(ch):
-            return SpatialTransformer(ch, cfg.num_heads, cfg.transformer_depth, cfg.context_dim)
+            return SpatialTransformer(ch, cfg.num_heads, cfg.transformer_depth, cfg.context_dim, g)
 
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))]
@@ -170,7 +170,7 @@ class UNetModel(nn.Module):
         skip_channels, ch, ds = [mc], mc, 1
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                layers = [ResBlock(ch, emb_ch, mult * mc)]
+                layers = [ResBlock(ch, emb_ch, mult * mc, g)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
                     layers.append(transformer(ch))
@@ -182,13 +182,13 @@ class UNetModel(nn.Module):
                 ds *= 2
 
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_ch, ch), transformer(ch), ResBlock(ch, emb_ch, ch)
+            ResBlock(ch, emb_ch, ch, g), transformer(ch), ResBlock(ch, emb_ch, ch, g)
         )
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_channels.pop(), emb_ch, mult * mc)]
+                layers = [ResBlock(ch + skip_channels.pop(), emb_ch, mult * mc, g)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
                     layers.append(transformer(ch))
@@ -197,7 +197,9 @@ class UNetModel(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(
+            group_norm(ch, groups=g), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+        )
 
     def _run(self, block, *args):
         if self.gradient_checkpointing and self.training:

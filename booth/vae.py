@@ -11,16 +11,16 @@ from .config import VAEConfig
 from .layers import attention, group_norm
 
 
-def norm(channels: int) -> nn.GroupNorm:
-    return group_norm(channels, eps=1e-6)
+def norm(channels: int, groups: int) -> nn.GroupNorm:
+    return group_norm(channels, eps=1e-6, groups=groups)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, groups: int = 32):
         super().__init__()
-        self.norm1 = norm(in_channels)
+        self.norm1 = norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = norm(out_channels)
+        self.norm2 = norm(out_channels, groups)
         self.dropout = nn.Dropout(0.0)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
@@ -35,9 +35,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels, with 1x1 convolutions as projections."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = 32):
         super().__init__()
-        self.norm = norm(channels)
+        self.norm = norm(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -70,11 +70,11 @@ class Upsample(nn.Module):
 
 
 class Mid(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels)
+        self.block_1 = ResnetBlock(channels, channels, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -104,13 +104,14 @@ class Encoder(nn.Module):
         ch = cfg.ch
         for i, mult in enumerate(cfg.ch_mult):
             blocks = [
-                ResnetBlock(ch if j == 0 else cfg.ch * mult, cfg.ch * mult) for j in range(cfg.num_res_blocks)
+                ResnetBlock(ch if j == 0 else cfg.ch * mult, cfg.ch * mult, cfg.norm_groups)
+                for j in range(cfg.num_res_blocks)
             ]
             ch = cfg.ch * mult
             last = i == len(cfg.ch_mult) - 1
             self.down.append(Level(blocks, None if last else ("downsample", Downsample(ch))))
-        self.mid = Mid(ch)
-        self.norm_out = norm(ch)
+        self.mid = Mid(ch, cfg.norm_groups)
+        self.norm_out = norm(ch, cfg.norm_groups)
         self.conv_out = nn.Conv2d(ch, 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,17 +126,17 @@ class Decoder(nn.Module):
         super().__init__()
         ch = cfg.ch * cfg.ch_mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, ch, 3, padding=1)
-        self.mid = Mid(ch)
+        self.mid = Mid(ch, cfg.norm_groups)
         levels = []
         for i, mult in reversed(list(enumerate(cfg.ch_mult))):
             blocks = [
-                ResnetBlock(ch if j == 0 else cfg.ch * mult, cfg.ch * mult)
+                ResnetBlock(ch if j == 0 else cfg.ch * mult, cfg.ch * mult, cfg.norm_groups)
                 for j in range(cfg.num_res_blocks + 1)
             ]
             ch = cfg.ch * mult
             levels.insert(0, Level(blocks, ("upsample", Upsample(ch)) if i else None))
         self.up = nn.ModuleList(levels)  # up[0] is the full-resolution level, run last
-        self.norm_out = norm(ch)
+        self.norm_out = norm(ch, cfg.norm_groups)
         self.conv_out = nn.Conv2d(ch, cfg.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

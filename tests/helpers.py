@@ -41,6 +41,7 @@ def diffusers_unet(model: LatentDiffusion):
 
     sd = {k: v for k, v in model.state_dict().items() if k.startswith("model.diffusion_model.")}
     config = create_unet_diffusers_config_from_ldm(ldm_original_config(model.config), sd, image_size=256)
+    config["norm_num_groups"] = model.config.unet.norm_groups
     unet = UNet2DConditionModel(**config)
     unet.load_state_dict(convert_ldm_unet_checkpoint(sd, config), strict=True)
     return unet.eval()
@@ -55,6 +56,7 @@ def diffusers_vae(model: LatentDiffusion):
 
     sd = {k: v for k, v in model.state_dict().items() if k.startswith("first_stage_model.")}
     config = create_vae_diffusers_config_from_ldm(ldm_original_config(model.config), sd, image_size=256)
+    config["norm_num_groups"] = model.config.vae.norm_groups
     vae = AutoencoderKL(**config)
     vae.load_state_dict(convert_ldm_vae_checkpoint(sd, config), strict=True)
     return vae.eval()

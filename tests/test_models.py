@@ -1,5 +1,7 @@
 """Our text encoder, UNet and VAE against transformers/diffusers on the same random weights."""
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import diffusers_unet, diffusers_vae, perturb_norms, transformers_clip
@@ -7,10 +9,14 @@ from helpers import diffusers_unet, diffusers_vae, perturb_norms, transformers_c
 from booth.config import SD1, TINY
 from booth.model import random_weights
 
+FEW_GROUPS = dataclasses.replace(  # small models (the demo) use fewer GroupNorm groups
+    TINY, unet=dataclasses.replace(TINY.unet, norm_groups=8), vae=dataclasses.replace(TINY.vae, norm_groups=8)
+)
 
-@pytest.fixture(scope="module")
-def tiny():
-    model = random_weights(TINY, seed=0).eval()
+
+@pytest.fixture(scope="module", params=[TINY, FEW_GROUPS], ids=["tiny", "tiny-8-groups"])
+def tiny(request):
+    model = random_weights(request.param, seed=0).eval()
     perturb_norms(model)
     return model
 
