@@ -53,7 +53,7 @@ class Settings:
             )
         if self.steps < 1:
             raise BoothError(f"steps must be at least 1 (got {self.steps})")
-        h, w = self.height or 8, self.width or 8
+        h, w = (8 if v is None else v for v in (self.height, self.width))
         if h % 8 or w % 8 or min(h, w) < 8:
             raise BoothError(
                 f"height and width must be positive multiples of 8 (got {self.height}x{self.width})"
@@ -130,7 +130,8 @@ class StableDiffusion:
     def resolve(self, settings: Settings) -> Settings:
         """A copy of `settings` with the image size filled in from the model when not given."""
         size = self.config.sample_size
-        return dataclasses.replace(settings, height=settings.height or size, width=settings.width or size)
+        h, w = (size if v is None else v for v in (settings.height, settings.width))
+        return dataclasses.replace(settings, height=h, width=w)
 
     def sigmas(self, settings: Settings) -> torch.Tensor:
         return sampling.SCHEDULES[settings.schedule](self.schedule, settings.steps)
