@@ -65,6 +65,7 @@ class TrainConfig:
     batch_size: int = 1
     grad_accum: int = 1
     lr_warmup: int = 0
+    lr_schedule: str = "constant"  # or "cosine": decays to 0 at the last iteration
     max_grad_norm: float = 1.0
     seed: int = 0
     save_every: int | None = None
@@ -82,6 +83,12 @@ class TrainConfig:
     random_resize: bool = True
     color_jitter: bool = True
     devices: list[str] = field(default_factory=list)
+    # LoRA: train only low-rank adapters (rank `lora`) on frozen base weights. The CLI then defaults the
+    # learning rate to booth.lora.LEARNING_RATE (1e-4) instead of 5e-6.
+    lora: int | None = None
+    lora_alpha: float | None = None  # None: the rank (scale 1)
+    lora_targets: str = "attn"  # attn | attn-ff | all (see booth.lora.TARGETS)
+    lora_text_encoder: bool = False
 
     @property
     def instance_text(self) -> str:
@@ -369,12 +376,12 @@ class DreamBooth:
         # Frozen networks are saved as the base had them; their device copies hold exactly those values unless
         # they were rounded to a half precision other than the one checkpoints are saved in.
         save_dtype = torch.float16 if cfg.save_precision == "fp16" else torch.float32
-        lossy = frozen_dtype not in (torch.float32, save_dtype)
+        lossy = not cfg.lora and frozen_dtype not in (torch.float32, save_dtype)  # LoRA files hold no base
         self.base = {"dtypes": {k: v.dtype for k, v in ckpt.state_dict.items()},
                      "originals": {k: v for k, v in ckpt.state_dict.items() if lossy and not k.startswith(UNET)}}  # fmt: skip
         self.model = model = load_model(ckpt, device, None)
         cfg.hw = tuple(cfg.hw or (model.config.sample_size,) * 2)
-        model.unet.float()
+        model.unet.to(frozen_dtype if cfg.lora else torch.float32)  # trained weights are fp32 master weights
         model.vae.to(frozen_dtype)
         model.text_encoder.to(torch.float32 if cfg.train_text_encoder else frozen_dtype)
         self.sd = StableDiffusion(model, device, frozen_dtype, ckpt.name, base_hash)
@@ -393,9 +400,17 @@ class DreamBooth:
         )
 
         # -- what trains
-        model.unet.requires_grad_(True).train()
         model.unet.gradient_checkpointing = cfg.gradient_checkpointing
-        self.params = list(model.unet.parameters())
+        model.unet.train()
+        self.lora = None
+        if cfg.lora:  # only the adapters train; every base weight stays frozen
+            from .lora import add_lora
+
+            self.lora = add_lora(model, cfg.lora, cfg.lora_alpha or cfg.lora, cfg.lora_targets,
+                                 cfg.lora_text_encoder, cfg.seed)  # fmt: skip
+            self.params = [p for layer in self.lora.values() for p in (layer.down.weight, layer.up.weight)]
+        else:
+            self.params = list(model.unet.requires_grad_(True).parameters())
         if cfg.train_text_encoder:
             model.text_encoder.requires_grad_(True).train()
             self.params += list(model.text_encoder.parameters())
@@ -404,7 +419,7 @@ class DreamBooth:
 
         # -- prompts: encoded once, unless the text encoder trains
         ids = self.sd.tokenizer([cfg.instance_text, cfg.class_text]).to(device)
-        if cfg.train_text_encoder:
+        if cfg.train_text_encoder or (cfg.lora and cfg.lora_text_encoder):
             text_encoder = _wrap_ddp(model.text_encoder, dist)
             self.encode_text = lambda: _encode(text_encoder, ids, amp)
         else:
@@ -414,6 +429,8 @@ class DreamBooth:
         self.meta = {"booth.base_model": str(cfg.model), "booth.base_hash": base_hash,
                      "booth.instance_prompt": cfg.instance_text, "booth.class_prompt": cfg.class_text,
                      "booth.train": json.dumps(_hyper(cfg))}  # fmt: skip
+        if self.lora is not None:
+            self.meta.update(self._lora_meta(ckpt.name))
 
     def losses(self) -> dict[str, torch.Tensor]:
         x0, image_gens, n_inst = self.batches.next()
@@ -423,16 +440,50 @@ class DreamBooth:
                                            self.amp)  # fmt: skip
         return {"loss": loss, "instance_loss": inst, "prior_loss": prior}
 
+    def _lora_meta(self, base_name: str) -> dict[str, str]:
+        """A LoRA file's header: booth's recipe plus the kohya entries A1111, ComfyUI and civitai read."""
+        from .hub import parse
+        from .lora import kohya_metadata
+
+        cfg = self.cfg
+        alpha = cfg.lora_alpha or cfg.lora
+        local = parse(
+            cfg.model
+        )  # a local base is recorded absolute, so `txt2img -c RUN/ckpts` finds it anywhere
+        return {**kohya_metadata(cfg.lora, alpha, cfg.lora_targets, base_name),
+                "booth.base_model": str(local.resolve()) if isinstance(local, Path) else cfg.model,
+                "booth.lora_rank": str(cfg.lora), "booth.lora_alpha": str(float(alpha)),
+                "booth.lora_targets": cfg.lora_targets, "booth.lora_text_encoder": str(cfg.lora_text_encoder),
+                "ss_resolution": str(tuple(cfg.hw)), "ss_learning_rate": str(cfg.learning_rate)}  # fmt: skip
+
     def save(self, run: Path, step: int) -> Path:
-        return save_model(run, step, self.model, self.cfg, self.meta, self.base)
+        if self.lora is None:
+            return save_model(run, step, self.model, self.cfg, self.meta, self.base)
+        from .lora import save_lora
+
+        dtype = torch.float16 if self.cfg.save_precision == "fp16" else torch.float32
+        path = run / "ckpts" / f"step-{step:06d}.safetensors"
+        path.parent.mkdir(exist_ok=True)
+        meta = {**self.meta, "booth.step": str(step), "ss_steps": str(step)}
+        return save_lora(self.lora, path, self.model.config, dtype, meta)
 
     def state_dict(self) -> dict:
+        if self.lora is not None:  # only the adapters: the frozen base is the base file
+            from .lora import adapter_state
+
+            return {"lora": adapter_state(self.lora), "data": self.batches.state_dict()}
         state = {"unet": self.model.unet.state_dict(), "data": self.batches.state_dict()}
         if self.cfg.train_text_encoder:
             state["text_encoder"] = self.model.text_encoder.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        if self.lora is not None:
+            from .lora import load_adapter_state
+
+            load_adapter_state(self.lora, state["lora"])
+            self.batches.load_state_dict(state["data"])
+            return
         self.model.unet.load_state_dict(state["unet"])
         if self.cfg.train_text_encoder:
             self.model.text_encoder.load_state_dict(state["text_encoder"])
@@ -467,7 +518,7 @@ def fit(
                disable=not dist.main, dynamic_ncols=True)  # fmt: skip
     with bar, StopFlag() as stop, _oom_hint(cfg):
         while step < cfg.iterations:
-            lr = cfg.learning_rate * min(1.0, (step + 1) / max(1, cfg.lr_warmup))
+            lr = learning_rate(cfg, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             totals = {}
@@ -534,6 +585,14 @@ def _encode(text_encoder, ids: torch.Tensor, amp) -> torch.Tensor:
     b, length = ids.shape
     with amp:
         return text_encoder(ids.reshape(-1, 77)).reshape(b, length, -1)
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then constant or cosine decay to zero."""
+    lr = cfg.learning_rate * min(1.0, (step + 1) / max(1, cfg.lr_warmup))
+    if cfg.lr_schedule == "cosine":
+        lr *= 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.iterations)))
+    return lr
 
 
 def _wrap_ddp(module: torch.nn.Module, dist: Dist):
@@ -682,7 +741,8 @@ def _tensorboard(run: Path):
 
 def _hyper(cfg: TrainConfig) -> dict:
     keys = ("learning_rate", "lamb", "iterations", "batch_size", "grad_accum", "lr_warmup", "seed", "class_img_count",
-            "train_text_encoder", "precision", "optimizer", "noise_offset", "snr_gamma", "token", "class_name")  # fmt: skip
+            "train_text_encoder", "precision", "optimizer", "noise_offset", "snr_gamma", "token", "class_name", "lora",
+            "lora_alpha", "lora_targets", "lora_text_encoder")  # fmt: skip
     return {k: getattr(cfg, k) for k in keys}
 
 
