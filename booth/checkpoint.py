@@ -186,6 +186,17 @@ def _code_globals(path: Path) -> list[str]:
     return [n for n in dict.fromkeys(names) if not _SAFE_GLOBALS.fullmatch(n)]
 
 
+# Key endings of LoRA-style files (kohya, diffusers, peft, LyCORIS): never found in a full model.
+_LORA_KEY = re.compile(
+    r"(lora_down|lora_up|lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down)\.weight$|\.(hada_w1_a|lokr_w1)$"
+)
+
+
+def looks_like_lora(keys) -> bool:
+    """Whether the tensor names (of a state dict or safetensors header) are those of a LoRA, not of a model."""
+    return any(_LORA_KEY.search(k) for k in keys if k != "__metadata__")
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return (text.splitlines()[0] if text else type(e).__name__)[:300]
@@ -506,6 +517,11 @@ def read_checkpoint(path: str | os.PathLike, ema: bool = False) -> Checkpoint:
             )
     except PermissionError:
         raise BoothError(f"cannot read {path}: permission denied") from None
+    if looks_like_lora(raw):
+        raise BoothError(
+            f"{path} is a LoRA (adapter weights), not a full model: give a base model here and the LoRA with "
+            f"--lora {path}"
+        )
     sd = to_layout(raw, ema=ema, source=str(path))
     cfg = ModelConfig.from_json(meta[CONFIG_KEY]) if CONFIG_KEY in meta else infer_config(sd, str(path))
     return Checkpoint(path, cfg, sd, meta)

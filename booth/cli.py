@@ -42,7 +42,11 @@ def _sampling_args(p: argparse.ArgumentParser, hw_default) -> None:
     p.add_argument("-c", "--ckpt-path", metavar="MODEL", default=None,
                    help="checkpoint: .safetensors/.ckpt file, diffusers folder, Hugging Face repo id or alias "
                         "(sd15, sd14), or a folder of checkpoints to compare (default sd15)")  # fmt: skip
-    p.add_argument("-m", "--model", default=None, help="same as -c/--ckpt-path")
+    p.add_argument("-m", "--model", default=None,
+                   help="same as -c/--ckpt-path; with -c FOLDER of LoRA files: the base model they are applied to")  # fmt: skip
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="apply a LoRA (kohya/A1111, diffusers or peft file) at WEIGHT (default 1, from -10 to 10; "
+                        "negative inverts it); repeat to stack several")  # fmt: skip
     p.add_argument("--ema", action="store_true", help="use the file's EMA UNet weights (model_ema.*)")
     p.add_argument(
         "-o", "--output-dir", default="outputs", help="runs go to OUTPUT_DIR/runK/ (default outputs)"
@@ -109,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=run_img2img)
 
     _dreambooth_args(sub)
+    _merge_args(sub)
 
     from .demo import DemoRecipe
 
@@ -142,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dreambooth_args(sub) -> None:
+    from .lora import LEARNING_RATE, TARGETS
     from .train import TrainConfig
 
     d = TrainConfig()
@@ -191,12 +197,8 @@ def _dreambooth_args(sub) -> None:
     a("--schedule", default=None, help=f"schedule for class images (default {d.schedule})")
     a("--scale", type=float, default=None, help=f"guidance scale for class images (default {d.scale})")
     a("--ddim-eta", type=float, default=None, help="sampler noise for class images (default 0)")
-    a(
-        "--learning-rate",
-        type=float,
-        default=None,
-        help=f"default {d.learning_rate} (2e-6 is advised with -t)",
-    )
+    a("--learning-rate", type=float, default=None,
+      help=f"default {d.learning_rate}, {LEARNING_RATE:g} with --lora (2e-6 is advised with -t)")  # fmt: skip
     a(
         "-l",
         "--lamb",
@@ -262,7 +264,41 @@ def _dreambooth_args(sub) -> None:
     a("--no-flip", dest="flip", action="store_false", default=None, help="no horizontal flips")
     a("--no-random-resize", dest="random_resize", action="store_false", default=None, help="no random zoom")
     a("--no-color-jitter", dest="color_jitter", action="store_false", default=None, help="no colour jitter")
+    a("--lora", type=int, default=None, metavar="RANK",
+      help="train only LoRA adapters of this rank (e.g. 4-32) on the frozen model; saves kohya-format LoRA files")  # fmt: skip
+    a(
+        "--lora-alpha",
+        type=float,
+        default=None,
+        help="LoRA alpha; the update is scaled by alpha/rank (default: the rank)",
+    )
+    a("--lora-targets", choices=list(TARGETS), default=None,
+      help="attn (default): attention q/k/v/out; attn-ff: and feed-forward; all: and every conv/linear layer (LoCon)")  # fmt: skip
+    a("--lora-text-encoder", action="store_true", default=None,
+      help="LoRA on the text encoder's attention and MLP layers too")  # fmt: skip
     p.set_defaults(func=run_dreambooth)
+
+
+def _merge_args(sub) -> None:
+    p = sub.add_parser(
+        "merge", help="bake LoRAs into a single-file model", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Add LoRAs into a base model's weights and write one SD1 .safetensors file (CompVis layout)\n"
+        "that booth, AUTOMATIC1111, ComfyUI and diffusers' from_single_file load like any checkpoint.\n"
+        "Each LoRA adds weight * alpha/rank * up @ down to the layers it covers; several are summed.\n\n"
+        "example:\n  booth merge -m sd15 --lora style.safetensors:0.8 --lora dog.safetensors -o dog-style.safetensors",
+    )  # fmt: skip
+    p.add_argument(
+        "-m", "--model", default="sd15", help="base model, any format txt2img loads (default sd15)"
+    )
+    p.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]",
+                   help="a LoRA file (kohya/A1111, diffusers or peft) and its weight (default 1, from -10 to 10); "
+                        "repeat to merge several")  # fmt: skip
+    p.add_argument("-o", "--output", required=True, help="the merged model, a .safetensors file")
+    p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    p.add_argument("--save-precision", choices=["fp16", "fp32"], default="fp16",
+                   help="dtype of the written weights (default fp16, a 2 GB file)")  # fmt: skip
+    p.add_argument("--ema", action="store_true", help="use the base file's EMA UNet weights (model_ema.*)")
+    p.set_defaults(func=run_merge)
 
 
 # ----------------------------------------------------------------------------- resolving what to run on
@@ -387,12 +423,40 @@ def _settings(args):
     return s
 
 
-def _model_spec(args) -> str:
-    from .hub import DEFAULT_MODEL
+def _models(args) -> tuple[list[Path], Path | None]:
+    """The models to render, and the base model when they include LoRA files: a folder of LoRAs (a LoRA
+    DreamBooth run's ckpts/) is compared over -m, else over the base its files record, else sd15."""
+    from .hub import DEFAULT_MODEL, resolve
+    from .lora import is_lora_file
 
-    if args.ckpt_path and args.model and args.ckpt_path != args.model:
-        raise BoothError("give the model once: -c/--ckpt-path and -m/--model name the same thing")
-    return args.ckpt_path or args.model or DEFAULT_MODEL
+    two = bool(args.ckpt_path and args.model and args.ckpt_path != args.model)
+    once = ("give the model once: -c/--ckpt-path and -m/--model name the same thing (-m names a base only when "
+            "-c is a folder of LoRA files)")  # fmt: skip
+    if two and not Path(args.ckpt_path).is_dir():  # before anything is downloaded
+        raise BoothError(once)
+    path = resolve(args.ckpt_path or args.model or DEFAULT_MODEL)  # may download
+    models = checkpoints(str(path))
+    loras = models != [path] and any(is_lora_file(p) for p in models)
+    if two and not loras:
+        raise BoothError(once)
+    if not loras:
+        return models, None
+    return models, resolve(args.model if two else _recorded_base(models))
+
+
+def _recorded_base(paths: list[Path]) -> str:
+    from .checkpoint import safetensors_header
+    from .hub import DEFAULT_MODEL, parse
+
+    meta = next(
+        (safetensors_header(p)[0].get("__metadata__") or {} for p in paths if p.suffix == ".safetensors"), {}
+    )
+    spec = meta.get("booth.base_model")
+    if spec and not (isinstance(parse(spec), Path) and not Path(spec).exists()):
+        return spec
+    if spec:
+        log(f"booth: the LoRAs' base model {spec} is not here; using {DEFAULT_MODEL} (give the base with -m)")
+    return DEFAULT_MODEL
 
 
 def run_txt2img(args) -> int:
@@ -419,9 +483,9 @@ def run_download(args) -> int:
 
 
 def _generate(args, settings, image) -> int:
+    from .lora import read_specs
     from .render import Job, render
 
-    spec = _model_spec(args)
     device = pick_device(args.device)
     dtype = pick_dtype(args.precision, device)
     out = Path(args.output_dir)
@@ -429,7 +493,9 @@ def _generate(args, settings, image) -> int:
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     job = Job(args.prompt, args.negative_prompt, settings, seed, args.variations, args.batch_size,
               image, getattr(args, "strength", None), args.ema)  # fmt: skip
-    models = checkpoints(spec)  # may download; after all cheap checks
+    loras = read_specs(args.lora)
+    models, base = _models(args)  # may download; after all cheap checks
+    args.lora_base = str(base) if base else None
     runs = []
 
     def start_run() -> Path:  # called by render once the first model has loaded
@@ -439,13 +505,44 @@ def _generate(args, settings, image) -> int:
 
     written = 0
     try:
-        for path in render(job, models, start_run, device, dtype, vars(args)):
+        for path in render(job, models, start_run, device, dtype, vars(args), loras, base):
             written += 1
             print(path, flush=True)
     except BaseException:
         if runs and not written:  # out of memory or Ctrl-C before the first image: leave no empty run behind
             shutil.rmtree(runs[0], ignore_errors=True)
         raise
+    return 0
+
+
+def run_merge(args) -> int:
+    import json
+
+    import torch
+
+    from .checkpoint import file_hash, read_checkpoint, save_checkpoint
+    from .hub import resolve
+    from .lora import merge, read_specs
+
+    out = Path(args.output)
+    if out.suffix != ".safetensors":
+        raise BoothError(f"--output must be a .safetensors file (got {out})")
+    if out.is_dir() or (out.exists() and not args.force):
+        raise BoothError(
+            f"{out} exists; give --force to overwrite it" if out.is_file() else f"{out} is a folder"
+        )
+    check_writable(out.parent)
+    loras = read_specs(args.lora)
+    path = resolve(args.model)
+    ckpt = read_checkpoint(path, ema=args.ema)
+    dtype = torch.float16 if args.save_precision == "fp16" else torch.float32
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt.state_dict.items()}
+    merge(sd, loras, ckpt.config, keep=False)
+    merged = [{"name": lora.name, "hash": lora.short_hash, "weight": w} for lora, w in loras]
+    meta = {"booth.base_model": args.model, "booth.base_hash": file_hash(path) if path.is_file() else "",
+            "booth.loras": json.dumps(merged)}  # fmt: skip
+    save_checkpoint(sd, out, metadata=meta, config=ckpt.config)
+    print(out, flush=True)
     return 0
 
 
@@ -493,6 +590,7 @@ def _train_config(args):
     if not args.resume_dir:
         if not args.class_name or not args.instance_img_dir:
             raise BoothError("give the subject's class with -c (e.g. -c dog) and its photos with -i FOLDER")
+        _lora_defaults(given)
         return _validated(TrainConfig(**given)), False
     run = Path(args.resume_dir)
     if not (run / "args.yaml").is_file():
@@ -519,6 +617,21 @@ def _train_config(args):
     return _validated(cfg), True
 
 
+def _lora_defaults(given: dict) -> None:
+    """--lora flags need --lora; LoRA training takes a higher default learning rate (adapters start at zero)."""
+    from .lora import LEARNING_RATE
+
+    extra = [
+        f"--{k.replace('_', '-')}" for k in ("lora_alpha", "lora_targets", "lora_text_encoder") if k in given
+    ]
+    if extra and "lora" not in given:
+        raise BoothError(f"{', '.join(extra)} only apply with --lora RANK")
+    if "lora" in given and "learning_rate" not in given:
+        given["learning_rate"] = LEARNING_RATE
+    if "lora" in given and given.get("train_text_encoder"):
+        raise BoothError("-t trains the whole text encoder; with --lora use --lora-text-encoder instead")
+
+
 def _validated(cfg):
     from .data import find_images
     from .pipeline import Settings
@@ -532,12 +645,14 @@ def _validated(cfg):
                              ("--save-every", cfg.save_every or 1, 1), ("--sample-every", cfg.sample_every or 1, 1)):  # fmt: skip
         if value < low:
             raise BoothError(f"{flag} must be at least {low} (got {value})")
+    if cfg.lora is not None and cfg.lora < 1:
+        raise BoothError(f"--lora (the rank) must be at least 1 (got {cfg.lora})")
     for flag, value in (("--learning-rate", cfg.learning_rate), ("--lamb", cfg.lamb), ("--noise-offset", cfg.noise_offset),
-                        ("--snr-gamma", cfg.snr_gamma or 1.0)):  # fmt: skip
+                        ("--snr-gamma", cfg.snr_gamma or 1.0), ("--lora-alpha", 1.0 if cfg.lora_alpha is None else cfg.lora_alpha)):  # fmt: skip
         if (
             not math.isfinite(value)
             or value < 0
-            or (flag in ("--learning-rate", "--snr-gamma") and value == 0)
+            or (flag in ("--learning-rate", "--snr-gamma", "--lora-alpha") and value == 0)
         ):
             raise BoothError(
                 f"{flag} must be a {'positive' if flag != '--lamb' else 'non-negative'} number (got {value})"

@@ -76,6 +76,9 @@ class StableDiffusion:
         self.model, self.device, self.dtype = model, torch.device(device), dtype
         self.config = model.config
         self.name, self.model_hash = name, model_hash
+        self.loras: list[
+            tuple[str, str]
+        ] = []  # (name, hash) of LoRAs merged into the weights, for PNG metadata
         self.tokenizer = get_tokenizer()
         c = self.config
         self.schedule = sampling.DiscreteSchedule(c.beta_start, c.beta_end, c.num_train_timesteps)

@@ -40,10 +40,12 @@ class Job:
 
 
 def render(job: Job, models: Sequence[Path], run: Path | Callable[[], Path], device: torch.device,
-           dtype: torch.dtype, args: dict | None = None) -> Iterator[Path]:  # fmt: skip
+           dtype: torch.dtype, args: dict | None = None, loras: Sequence = (), base: Path | None = None) -> Iterator[Path]:  # fmt: skip
     """Render `job` with each model into `run`; yields every image path as soon as it is written. `run` may be a
-    function making the folder: it is called once the first model has loaded, so a bad checkpoint leaves none."""
-    loaded = _load_each(models, job.ema, device, dtype)
+    function making the folder: it is called once the first model has loaded, so a bad checkpoint leaves none.
+    `loras` ((LoRA, weight) pairs) are merged into every model; with `base`, LoRA files among `models` are rows
+    of their own: `base` plus that LoRA."""
+    loaded = _load_each(models, job.ema, device, dtype, loras, base)
     first = next(loaded)
     run = run() if callable(run) else run
     record = {k: v for k, v in (args or {}).items() if k != "func"}
@@ -70,19 +72,29 @@ def render(job: Job, models: Sequence[Path], run: Path | Callable[[], Path], dev
         yield save_png(grid(rows, names), run / "grid.png")
 
 
-def _load_each(paths: Sequence[Path], ema: bool, device, dtype) -> Iterator[StableDiffusion]:
+def _load_each(paths: Sequence[Path], ema: bool, device, dtype, loras: Sequence = (),
+               base: Path | None = None) -> Iterator[StableDiffusion]:  # fmt: skip
     """Each checkpoint in turn. Checkpoints of one model (a DreamBooth run's saves) are copied into the modules
-    already on the device; a different model replaces the previous one, which is freed first."""
-    sd = None
+    already on the device; a different model replaces the previous one, which is freed first. A LoRA file (when
+    a `base` is given) is merged into the base, which is put back exactly before the next one."""
+    from .lora import apply_loras, is_lora_file, read_lora, restore
+
+    sd, loaded, originals = None, None, {}
     for path in paths:
-        ckpt = read_checkpoint(path, ema=ema)
-        model_hash = file_hash(path) if path.is_file() else None
-        if sd is not None and sd.config == ckpt.config:
-            load_model(ckpt, into=sd.model)
-            sd.name, sd.model_hash = ckpt.name, model_hash
-        else:
-            sd = None
-            sd = StableDiffusion.from_checkpoint(ckpt, device, dtype, model_hash)
+        own = [(read_lora(path), 1.0)] if base is not None and is_lora_file(path) else []
+        source = base if own else path
+        if source != loaded:
+            ckpt = read_checkpoint(source, ema=ema)
+            model_hash = file_hash(source) if source.is_file() else None
+            if sd is not None and sd.config == ckpt.config:
+                load_model(ckpt, into=sd.model)
+                sd.name, sd.model_hash = ckpt.name, model_hash
+            else:
+                sd = None
+                sd = StableDiffusion.from_checkpoint(ckpt, device, dtype, model_hash)
+            loaded, originals = source, {}
+        restore(sd.model.state_dict(), originals)
+        originals = apply_loras(sd, [*own, *loras])
         yield sd
 
 
@@ -119,9 +131,16 @@ def parameters_text(sd: StableDiffusion, prompt: str, negative_prompt: str, s: S
         "CFG scale": s.scale, "Seed": seed, "Size": f"{s.width}x{s.height}", "Model hash": sd.model_hash,
         "Model": sd.name, "Denoising strength": strength,
         "Eta": s.eta if s.sampler in ("ddim", "euler_a", "dpmpp_2m_sde") else None,
-        "Clip skip": s.clip_skip if s.clip_skip > 1 else None, "Version": f"booth {__version__}",
+        "Clip skip": s.clip_skip if s.clip_skip > 1 else None, "Lora hashes": _lora_hashes(sd),
+        "Version": f"booth {__version__}",
     }  # fmt: skip
     return infotext(prompt, negative_prompt, params)
+
+
+def _lora_hashes(sd: StableDiffusion) -> str | None:
+    # A1111's field: "name: hash" per LoRA, the name without the characters that separate entries
+    entries = [f"{name.replace(':', '').replace(',', '')}: {h}" for name, h in getattr(sd, "loras", [])]
+    return ", ".join(entries) or None
 
 
 @contextlib.contextmanager

@@ -447,9 +447,8 @@ class DreamBooth:
 
         cfg = self.cfg
         alpha = cfg.lora_alpha or cfg.lora
-        local = parse(
-            cfg.model
-        )  # a local base is recorded absolute, so `txt2img -c RUN/ckpts` finds it anywhere
+        # a local base is recorded absolute, so that `txt2img -c RUN/ckpts` finds it from anywhere
+        local = parse(cfg.model)
         return {**kohya_metadata(cfg.lora, alpha, cfg.lora_targets, base_name),
                 "booth.base_model": str(local.resolve()) if isinstance(local, Path) else cfg.model,
                 "booth.lora_rank": str(cfg.lora), "booth.lora_alpha": str(float(alpha)),

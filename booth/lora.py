@@ -1,0 +1,449 @@
+"""LoRA (Hu et al. 2021) for Stable Diffusion 1.x: adapters to train, files every SD tool loads, and merging.
+
+A LoRA changes a Linear or Conv2d weight W by a low-rank product:
+
+    W' = W + weight * alpha / rank * up @ down        (down: rank x in[*k*k], up: out x rank[x1x1])
+
+Files are written in the kohya / AUTOMATIC1111 layout, which A1111, ComfyUI, diffusers and kohya's scripts all
+read: `lora_unet_<diffusers module path, dots as underscores>.lora_down.weight`, `.lora_up.weight` and `.alpha`,
+and `lora_te_text_model_...` for the text encoder. booth's modules have CompVis names, so the names are made with
+the same prefix rules that read diffusers folders (`checkpoint.diffusers_rules`), in both directions.
+
+Read as well: diffusers/peft files (`[unet.|text_encoder.]<module>.lora_A.weight` / `lora_B.weight`, optional
+`.alpha`, peft's `lora_alpha` from the `lora_adapter_metadata` header) and diffusers' older `to_q_lora.down`
+and `lora.down` spellings.
+
+At inference LoRAs are merged into the weights when loaded (`merge`): sampling then costs exactly what the base
+model costs, and the model code stays untouched. `merge` returns the replaced tensors so that a grid comparing
+several LoRAs can put the base back exactly between rows (`restore`). Training uses runtime `LoRALayer`s.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import TEXT, UNET, diffusers_name, diffusers_rules, read_pickle, read_safetensors
+from .config import ModelConfig
+from .errors import BoothError
+
+# Module paths (under the UNet / text encoder) each `--lora-targets` choice trains.
+_ATTN = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+_FF = r"ff\.net\.(0\.proj|2)"
+# LoCon-style: the rest of the UNet's Linear and Conv2d layers except conv_in and conv_out (kohya's conv_dim
+# covers ResBlocks and the resamplers; the time embedding is added because diffusers and A1111 load it too).
+_REST = (
+    r"proj_in|proj_out|in_layers\.2|out_layers\.3|skip_connection|emb_layers\.1|op|\d\.conv|time_embed\.[02]"
+)
+TARGETS = {"attn": (_ATTN,), "attn-ff": (_ATTN, _FF), "all": (_ATTN, _FF, _REST)}
+# kohya's text-encoder LoRA: CLIPAttention and CLIPMLP layers.
+TEXT_TARGETS = r"self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.fc[12]"
+MAX_WEIGHT = 10.0  # |weight| above this is a typo rather than a setting (sliders use up to about 5-8)
+LEARNING_RATE = 1e-4  # diffusers' LoRA DreamBooth recipe; adapters start at zero and need larger steps
+PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+
+
+# ----------------------------------------------------------------------------- training: runtime layers
+
+
+class LoRALayer(nn.Module):
+    """A frozen Linear or Conv2d plus a trainable low-rank update: base(x) + scale * up(down(x))."""
+
+    def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        self.base, self.rank, self.alpha, self.scale = base, rank, float(alpha), alpha / rank
+        # Convolutions (kohya's LoCon): down takes the kernel, stride and padding, up is 1x1.
+        if isinstance(base, nn.Conv2d):
+            self.down = nn.Conv2d(
+                base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False
+            )
+            self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        else:
+            self.down = nn.Linear(base.in_features, rank, bias=False)
+            self.up = nn.Linear(rank, base.out_features, bias=False)
+        # As kohya and peft: a random down and a zero up, so step 0 computes exactly the base model.
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5), generator=generator)
+        nn.init.zeros_(self.up.weight)
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that asks a layer for its dtype or device keeps working
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.up(self.down(x)) * self.scale
+
+
+def target_paths(model: nn.Module, targets: str = "attn", text_encoder: bool = False) -> list[str]:
+    """Module paths (in the LatentDiffusion tree) of the layers a LoRA with these targets adapts."""
+    if targets not in TARGETS:
+        raise BoothError(f"unknown LoRA targets {targets!r}; choose one of: {', '.join(TARGETS)}")
+    unet = re.compile(rf"(.*\.)?({'|'.join(TARGETS[targets])})")
+    text = re.compile(rf"(.*\.)?({TEXT_TARGETS})")
+    found = []
+    for path, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        if (path.startswith(UNET) and unet.fullmatch(path)) or (
+            text_encoder and path.startswith(TEXT) and text.fullmatch(path)
+        ):
+            found.append(path)
+    return found
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float | None = None, targets: str = "attn",
+             text_encoder: bool = False, seed: int = 0) -> dict[str, LoRALayer]:  # fmt: skip
+    """Wrap the target layers of `model` in fp32 `LoRALayer`s (the base layers keep their dtype and stay frozen);
+    returns them by module path. The initial `down` weights come from `seed`, whatever the device."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = {}
+    for path in target_paths(model, targets, text_encoder):
+        parent_path, _, name = path.rpartition(".")
+        parent, base = model.get_submodule(parent_path), model.get_submodule(path)
+        layer = LoRALayer(base, rank, rank if alpha is None else alpha, generator)
+        layer.down.to(base.weight.device)
+        layer.up.to(base.weight.device)
+        setattr(parent, name, layer)
+        layers[path] = layer
+    return layers
+
+
+def adapter_state(layers: dict[str, LoRALayer]) -> dict[str, torch.Tensor]:
+    """The trainable tensors only (what resume needs): `<path>.down` and `<path>.up`."""
+    return {
+        f"{p}.{part}": getattr(layer, part).weight for p, layer in layers.items() for part in ("down", "up")
+    }
+
+
+def load_adapter_state(layers: dict[str, LoRALayer], state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for key, tensor in adapter_state(layers).items():
+            tensor.copy_(state[key])
+
+
+def save_lora(layers: dict[str, LoRALayer], path: str | os.PathLike, config: ModelConfig,
+              dtype: torch.dtype = torch.float16, metadata: dict[str, str] | None = None) -> Path:  # fmt: skip
+    """Write the adapters as a kohya-format file (atomically); only the adapters, never the base weights."""
+    from .checkpoint import save_checkpoint
+
+    names = kohya_names(config)
+    tensors = {}
+    for p, layer in layers.items():
+        k = names[p]
+        tensors[f"{k}.lora_down.weight"] = layer.down.weight.detach().to("cpu", dtype)
+        tensors[f"{k}.lora_up.weight"] = layer.up.weight.detach().to("cpu", dtype)
+        # fp32 even in fp16 files: the scale alpha/rank is then exactly what training used
+        tensors[f"{k}.alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
+    meta = {**(metadata or {}), "sshs_model_hash": addnet_hash(tensors)}
+    save_checkpoint(tensors, path, metadata=meta)
+    return Path(path)
+
+
+def kohya_metadata(rank: int, alpha: float, targets: str, base_name: str) -> dict[str, str]:
+    """The `ss_*` header entries kohya writes that A1111, ComfyUI and civitai read."""
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(float(alpha)),
+            "ss_base_model_version": "sd_v1", "ss_v2": "False", "ss_sd_model_name": base_name}  # fmt: skip
+    if targets == "all":  # kohya records LoCon (conv layers) as network args
+        meta["ss_network_args"] = json.dumps({"conv_dim": str(rank), "conv_alpha": str(float(alpha))})
+    return meta
+
+
+def addnet_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """kohya's `sshs_model_hash`: SHA-256 of a safetensors file's data (everything after the header), which A1111
+    shows as the LoRA's hash. The data does not depend on the metadata, so it can be hashed before writing."""
+    from safetensors.torch import save
+
+    blob = save({k: v.contiguous() for k, v in tensors.items()})
+    n = int.from_bytes(blob[:8], "little")
+    return hashlib.sha256(blob[8 + n :]).hexdigest()
+
+
+# ----------------------------------------------------------------------------- names
+
+
+@functools.lru_cache(maxsize=8)
+def kohya_names(config: ModelConfig) -> dict[str, str]:
+    """Our module path -> kohya name, for every Linear and Conv2d of the UNet and text encoder."""
+    from .model import build
+
+    rules, names = diffusers_rules(config), {}
+    for path, module in build(config).named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and path.startswith((UNET, TEXT)):
+            component, theirs = diffusers_name(path + ".weight", rules).split(":", 1)
+            names[path] = PREFIX[component] + theirs.removesuffix(".weight").replace(".", "_")
+    return names
+
+
+@functools.lru_cache(maxsize=8)
+def _lookup(config: ModelConfig) -> dict[str, str]:
+    """kohya name -> our module path; our own CompVis spelling (`lora_unet_input_blocks_1_1_...`) is accepted
+    too, as A1111 does."""
+    table = {k: p for p, k in kohya_names(config).items()}
+    table.update(
+        {
+            "lora_unet_" + p[len(UNET) :].replace(".", "_"): p
+            for p in kohya_names(config)
+            if p.startswith(UNET)
+        }
+    )
+    return table
+
+
+# ----------------------------------------------------------------------------- reading files
+
+# Key endings of each layout -> which tensor it is.
+_KINDS = (("lora_down.weight", "down"), ("lora_up.weight", "up"), ("lora_A.weight", "down"), ("lora_B.weight", "up"),
+          ("lora.down.weight", "down"), ("lora.up.weight", "up"), ("lora_linear_layer.down.weight", "down"),
+          ("lora_linear_layer.up.weight", "up"), ("alpha", "alpha"))  # fmt: skip
+# diffusers' attention-processor LoRAs (before peft): `attn1.processor.to_q_lora.down.weight`.
+_PROCESSOR = re.compile(r"(\.processor)?\.to_(q|k|v|out)_lora\.(down|up)\.weight$")
+
+
+@dataclass
+class LoRA:
+    """A LoRA file, read and checked for layout but not yet placed in a model (that needs the model's shapes)."""
+
+    path: Path
+    layers: dict[str, dict] = field(default_factory=dict)  # kohya name -> {"down", "up", "alpha", "module"}
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem if self.path.is_file() else self.path.name
+
+    @functools.cached_property
+    def short_hash(self) -> str:
+        """The hash A1111 shows in `Lora hashes`: kohya's stored one, else computed the same way."""
+        stored = self.metadata.get("sshs_model_hash")
+        return (stored or _file_data_hash(self.file))[:12]
+
+    @property
+    def file(self) -> Path:
+        return self.path / "pytorch_lora_weights.safetensors" if self.path.is_dir() else self.path
+
+
+def read_lora(path: str | os.PathLike) -> LoRA:
+    """Read a kohya, diffusers or peft LoRA file (or a diffusers LoRA folder); BoothError if it is none of them."""
+    path = Path(path)
+    file = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        raise BoothError(f"LoRA not found: {path}")
+    if file.suffix == ".safetensors":
+        tensors, meta = read_safetensors(file)
+    elif file.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+        tensors, meta = read_pickle(file), {}
+    else:
+        raise BoothError(f"unknown LoRA format {file.suffix!r} ({file}); use a .safetensors file")
+    lora = LoRA(path, _group(tensors, path), meta)
+    _fill_alphas(lora)
+    return lora
+
+
+def _group(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, dict]:
+    layers: dict[str, dict] = {}
+    for key, tensor in tensors.items():
+        if key.startswith(("lora_te2_", "text_encoder_2.")):
+            raise BoothError(f"{path} is an SDXL LoRA (it has a second text encoder); booth supports SD 1.x")
+        if "dora_scale" in key or "lora_magnitude_vector" in key:
+            raise BoothError(f"{path} is a DoRA, which booth does not support yet (key {key})")
+        module, kind = _split(key)
+        if module is None:
+            raise BoothError(f"{path} is not a LoRA booth can read: unknown key layout ({key}); kohya, diffusers "
+                             "and peft LoRAs are supported, LyCORIS LoHa/LoKr are not")  # fmt: skip
+        entry = layers.setdefault(_kohya_name(module), {"module": module})
+        entry[kind] = float(tensor.float().reshape(-1)[0]) if kind == "alpha" else tensor
+    for name, entry in layers.items():
+        if "down" not in entry or "up" not in entry:
+            missing = "up" if "down" in entry else "down"
+            raise BoothError(f"{path} is incomplete: layer {name} has no {missing} weight")
+    if not layers:
+        raise BoothError(f"{path} holds no LoRA weights")
+    return layers
+
+
+def _split(key: str) -> tuple[str | None, str | None]:
+    """'<module>.<ending>' -> (module, 'down' | 'up' | 'alpha'), or (None, None) for an unknown layout."""
+    key = _PROCESSOR.sub(lambda m: f".to_{m[2]}{'.0' if m[2] == 'out' else ''}.lora.{m[3]}.weight", key)
+    for ending, kind in _KINDS:
+        if key.endswith("." + ending):
+            return key[: -len(ending) - 1], kind
+    return None, None
+
+
+def _kohya_name(module: str) -> str:
+    """Any layout's module name -> the kohya name (`lora_unet_...` / `lora_te_...`)."""
+    module = module.removeprefix("base_model.model.")
+    if module.startswith(("lora_unet_", "lora_te_")):
+        return module
+    if module.startswith("lora_te1_"):
+        return "lora_te_" + module[len("lora_te1_") :]
+    component, rest = _component(module)
+    if component == "text_encoder":
+        # diffusers' old text-encoder names, and transformers 5's CLIPTextModel without its text_model level
+        rest = re.sub(r"self_attn\.to_(q|k|v)$", r"self_attn.\1_proj", rest).replace(
+            "self_attn.to_out.0", "self_attn.out_proj"
+        )
+        rest = rest if rest.startswith("text_model.") else "text_model." + rest
+    return PREFIX[component] + rest.replace(".", "_")
+
+
+def _component(module: str) -> tuple[str, str]:
+    for component in ("unet", "text_encoder"):
+        if module.startswith(component + "."):
+            return component, module[len(component) + 1 :]
+    # peft state dicts of a single model carry no prefix; text-encoder paths are unmistakable
+    return ("text_encoder" if module.startswith(("text_model.", "encoder.layers.")) else "unet"), module
+
+
+def _fill_alphas(lora: LoRA) -> None:
+    """Layers without an `.alpha` tensor take peft's lora_alpha (or alpha_pattern) from diffusers' header
+    metadata when there is one, else alpha = rank (scale 1), as diffusers and A1111 assume."""
+    peft = json.loads(lora.metadata.get("lora_adapter_metadata", "{}") or "{}")
+    for entry in lora.layers.values():
+        component, module = _component(entry["module"])
+        cfg = {k.split(".", 1)[1]: v for k, v in peft.items() if k.startswith(component + ".")}
+        if cfg.get("use_dora"):
+            raise BoothError(f"{lora.path} is a DoRA, which booth does not support yet")
+        rank = entry["down"].shape[0]
+        if "alpha" not in entry:
+            pattern = next(
+                (p for p in cfg.get("alpha_pattern") or {} if re.fullmatch(rf"(.*\.)?({p})", module)), None
+            )
+            entry["alpha"] = float(cfg["alpha_pattern"][pattern] if pattern else cfg.get("lora_alpha", rank))
+        if cfg.get("use_rslora"):  # rank-stabilised: scale alpha / sqrt(rank)
+            entry["alpha"] *= math.sqrt(rank)
+
+
+def _file_data_hash(file: Path) -> str:
+    """A1111's LoRA hash: SHA-256 of the data after a safetensors header; of the whole file otherwise."""
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        if file.suffix == ".safetensors":
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- applying
+
+
+def parse_spec(spec: str) -> tuple[Path, float]:
+    """'FILE[:WEIGHT]' -> (path, weight). A suffix that is not a number belongs to the path (C:\\x, a:b.safetensors)."""
+    head, sep, tail = spec.rpartition(":")
+    try:
+        path, weight = (Path(head), float(tail)) if sep and head else (Path(spec), 1.0)
+    except ValueError:
+        path, weight = Path(spec), 1.0
+    check_weight(weight, spec)
+    return path, weight
+
+
+def check_weight(weight: float, what: str) -> None:
+    # Negative weights are allowed: they invert a LoRA, which people use (sliders, "less detail").
+    if not math.isfinite(weight) or abs(weight) > MAX_WEIGHT:
+        raise BoothError(
+            f"LoRA weight {weight} of {what} is out of range; use a number from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g}"
+        )
+
+
+def read_specs(specs: Sequence[str]) -> list[tuple[LoRA, float]]:
+    """Every `--lora FILE[:WEIGHT]`, read and checked before any model is loaded."""
+    out = []
+    for spec in specs:
+        path, weight = parse_spec(spec)
+        out.append((read_lora(path), weight))
+    return out
+
+
+def updates(lora: LoRA, config: ModelConfig, shapes: dict[str, torch.Size]) -> dict[str, tuple]:
+    """Our weight key -> (down, up, alpha / rank) for every layer of `lora`, checked against the model's shapes."""
+    table, out, unknown = _lookup(config), {}, []
+    for name, entry in lora.layers.items():
+        path = table.get(name)
+        if path is None:
+            unknown.append(name)
+            continue
+        key, down, up = path + ".weight", entry["down"], entry["up"]
+        shape, rank = shapes[key], down.shape[0]
+        if (
+            down.ndim < 2
+            or up.ndim < 2
+            or up.shape[0] != shape[0]
+            or up[0].numel() != rank
+            or down[0].numel() != shape[1:].numel()
+        ):
+            raise BoothError(
+                f"{lora.path} does not fit this model: its {name} is {_io(down, up)} but the model's layer is "
+                f"{shape[1]}->{shape[0]} (a LoRA for another base, such as SD2 or SDXL?)"
+            )  # fmt: skip
+        out[key] = (down, up, entry["alpha"] / rank)
+    if unknown:
+        raise BoothError(f"{lora.path} has {len(unknown)} layer(s) this model does not have (e.g. {unknown[0]}); "
+                         "it is not an SD 1.x LoRA")  # fmt: skip
+    return out
+
+
+def _io(down: torch.Tensor, up: torch.Tensor) -> str:
+    return f"{down.shape[1] if down.ndim > 1 else '?'}->{up.shape[0]}"
+
+
+@torch.no_grad()
+def merge(weights: dict[str, torch.Tensor], loras: Sequence[tuple[LoRA, float]], config: ModelConfig,
+          keep: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Add every (LoRA, weight) into `weights` (a state dict whose tensors are changed in place), summed in fp32
+    and rounded once per layer. Every LoRA is checked before anything changes. Returns CPU copies of the tensors
+    it replaced (with `keep`), for `restore`."""
+    shapes = {k: v.shape for k, v in weights.items()}
+    placed = [(updates(lora, config, shapes), weight) for lora, weight in loras]
+    originals = {}
+    for key in dict.fromkeys(k for layer_updates, _ in placed for k in layer_updates):
+        w = weights[key]
+        delta = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        for layer_updates, weight in placed:
+            if key in layer_updates:
+                down, up, scale = layer_updates[key]
+                down, up = (t.to(w.device, torch.float32).flatten(1) for t in (down, up))
+                delta += (up @ down).reshape(w.shape) * (scale * weight)
+        if keep:
+            originals[key] = w.to("cpu", copy=True)
+        w.copy_(w.float() + delta)
+    return originals
+
+
+@torch.no_grad()
+def restore(weights: dict[str, torch.Tensor], originals: dict[str, torch.Tensor]) -> None:
+    for key, value in originals.items():
+        weights[key].copy_(value)
+
+
+def apply_loras(sd, loras: Sequence[tuple[LoRA, float]]) -> dict[str, torch.Tensor]:
+    """Merge LoRAs into a StableDiffusion's weights and note them for the PNG metadata; returns what `restore`
+    needs (`restore(sd.model.state_dict(), originals)`)."""
+    originals = merge(sd.model.state_dict(), loras, sd.config)
+    sd.loras = [(lora.name, lora.short_hash) for lora, _ in loras]
+    return originals
+
+
+def is_lora_file(path: Path) -> bool:
+    """Whether a file holds LoRA weights rather than a model (safetensors: from the header alone). A damaged
+    file is not a LoRA here: loading it as a model reports the damage when its turn comes."""
+    from .checkpoint import looks_like_lora, safetensors_header
+
+    try:
+        if path.suffix == ".safetensors":
+            return looks_like_lora(safetensors_header(path)[0])
+        # A pickle must be loaded to see its keys; full SD1 models are far larger than any LoRA.
+        small = path.suffix in (".bin", ".pt", ".pth", ".ckpt") and path.stat().st_size < 1 << 30
+        return small and looks_like_lora(read_pickle(path))
+    except (BoothError, OSError):
+        return False
