@@ -7,6 +7,11 @@ the DreamBooth loss (prior preservation), gradient clipping, AdamW. Full SD1 con
     python bench/bench_train.py                                    # CPU, fp32, 256x256
     python bench/bench_train.py --gradient-checkpointing
     python bench/bench_train.py --device cuda --precision fp16 --size 512 --steps 20 --gradient-checkpointing
+    python bench/bench_train.py --lora 4                           # LoRA and full fine-tuning side by side
+
+With --lora RANK both sides also train rank-RANK adapters on the attention projections of a frozen UNet
+(booth's --lora; diffusers: peft adapters added with UNet2DConditionModel.add_adapter, as its LoRA DreamBooth
+script does), at the LoRA learning rate 1e-4.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -42,9 +48,13 @@ def worker_booth(args) -> dict:
     cfg = TrainConfig(class_name="dog", instance_dir=args.instance_dir, model=args.model, class_dir=args.class_dir,
                       class_img_count=2, hw=(args.size, args.size), iterations=args.steps, precision=args.precision,
                       gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
-                      devices=[args.device])  # fmt: skip
-    train(cfg, run)
-    m = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+                      devices=[args.device], lora=args.lora or None,
+                      learning_rate=1e-4 if args.lora else 5e-6)  # fmt: skip
+    try:
+        train(cfg, run)
+        m = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    finally:  # a full fine-tuning run leaves a 2 GB checkpoint and a 10 GB state: only the metrics are needed
+        shutil.rmtree(run, ignore_errors=True)
     peak = m[-1]["peak_memory_mb"]
     return {"s_per_step": sum(r["seconds"] for r in m[1:]) / (len(m) - 1),
             ("peak_cuda_mb" if args.device.startswith("cuda") else "peak_rss_mb"): peak}  # fmt: skip
@@ -62,7 +72,11 @@ def worker_diffusers(args) -> dict:
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision)
     frozen = half or torch.float32
     folder = Path(args.model)
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32).to(device).train()
+    unet = UNet2DConditionModel.from_pretrained(
+        folder / "unet", torch_dtype=frozen if args.lora else torch.float32
+    )
+    unet = unet.to(device).train()
+    params = _diffusers_lora(unet, args.lora) if args.lora else list(unet.parameters())
     vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=frozen).to(device).requires_grad_(False)
     te = (
         CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=frozen)
@@ -81,9 +95,9 @@ def worker_diffusers(args) -> dict:
     if args.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
-        opt = bnb.optim.AdamW8bit(unet.parameters(), lr=5e-6, weight_decay=1e-2)
+        opt = bnb.optim.AdamW8bit(params, lr=1e-4 if args.lora else 5e-6, weight_decay=1e-2)
     else:
-        opt = torch.optim.AdamW(unet.parameters(), lr=5e-6, weight_decay=1e-2)
+        opt = torch.optim.AdamW(params, lr=1e-4 if args.lora else 5e-6, weight_decay=1e-2)
     scaler = torch.amp.GradScaler(device.type, enabled=half == torch.float16)
     paths = sorted(Path(args.instance_dir).glob("*.jpg"))[:1] + sorted(Path(args.class_dir).glob("*.png"))[:1]
     images = torch.stack([
@@ -104,7 +118,7 @@ def worker_diffusers(args) -> dict:
         )
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
@@ -120,12 +134,27 @@ def worker_diffusers(args) -> dict:
     return out
 
 
+def _diffusers_lora(unet, rank: int) -> list:
+    """diffusers' LoRA DreamBooth recipe: frozen UNet, peft adapters on to_q/k/v/out.0, trained in fp32."""
+    import torch
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))  # fmt: skip
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.to(torch.float32)
+    return params
+
+
 def spawn(which: str, model: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", which, "--model", str(model), "--device", args.device, "--size",
            str(args.size), "--steps", str(args.steps), "--optimizer", args.optimizer, "--workdir", str(args.workdir),
            "--instance-dir", str(args.instance_dir), "--class-dir", str(args.class_dir)]  # fmt: skip
     cmd += ["--precision", args.precision] if args.precision else []
     cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+    cmd += ["--lora", str(args.lora)] if args.lora else []
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if out.returncode != 0:
         sys.exit(f"{which} worker failed:\n{out.stderr[-3000:]}")
@@ -140,6 +169,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--lora", type=int, default=0, metavar="RANK", help="also run LoRA training of this rank")
     p.add_argument("--workdir", type=Path, default=Path(__file__).parent / ".cache")
     p.add_argument("--instance-dir", type=Path, default=Path(__file__).parents[1] / "tests" / "data" / "dog")
     p.add_argument("--class-dir", type=Path, default=None)
@@ -151,14 +181,29 @@ def main() -> None:
         return
     file, folder = prepare(args.workdir)
     args.class_dir = args.class_dir or class_images(args.workdir / "class-imgs")
+    rank, args.lora = args.lora, 0
     results = {"booth": spawn("booth", file, args), "diffusers": spawn("diffusers", folder, args)}
+    if rank:
+        args.lora = rank
+        results.update(
+            {"booth LoRA": spawn("booth", file, args), "diffusers LoRA": spawn("diffusers", folder, args)}
+        )
     print(f"DreamBooth step, SD1 random weights, {args.device} {args.precision or 'default precision'}, "
           f"{args.size}x{args.size}, 1 instance + 1 class image, {args.optimizer}"
-          f"{', gradient checkpointing' if args.gradient_checkpointing else ''}")  # fmt: skip
-    print(f"{'metric':<16}{'booth':>12}{'diffusers':>12}{'booth/diffusers':>18}")
-    for metric, b in results["booth"].items():
-        d = results["diffusers"][metric]
-        print(f"{metric:<16}{b:>12.3f}{d:>12.3f}{b / d:>18.3f}")
+          f"{', gradient checkpointing' if args.gradient_checkpointing else ''}"
+          f"{f', LoRA rank {rank} on attention' if rank else ''}")  # fmt: skip
+    pairs = [("booth", "diffusers")] + ([("booth LoRA", "diffusers LoRA")] if rank else [])
+    print(
+        f"{'metric':<16}"
+        + "".join(f"{name:>16}" for name in results)
+        + "".join(f"{a + '/' + b.split()[0]:>22}" for a, b in pairs)
+    )
+    for metric in results["booth"]:
+        row = "".join(f"{r[metric]:>16.3f}" for r in results.values())
+        print(
+            f"{metric:<16}{row}"
+            + "".join(f"{results[a][metric] / results[b][metric]:>22.3f}" for a, b in pairs)
+        )
 
 
 if __name__ == "__main__":

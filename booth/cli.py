@@ -154,7 +154,8 @@ def _dreambooth_args(sub) -> None:
     p = sub.add_parser(
         "dreambooth", help="teach the model a subject from a few photos",
         description="DreamBooth fine-tuning with prior preservation. Defaults follow diffusers' published recipe "
-        "and the paper: lr 5e-6, lambda 1, 800 iterations, 200 class images. Runs go to OUTPUT_DIR/runK/; "
+        "and the paper: lr 5e-6 (1e-4 with --lora), lambda 1, 800 iterations, 200 class images. --lora RANK trains "
+        "only small LoRA adapters and saves LoRA files. Runs go to OUTPUT_DIR/runK/; "
         "checkpoints to runK/ckpts/, usable with `booth txt2img -c runK/ckpts`.",
     )  # fmt: skip
     a = p.add_argument
@@ -441,22 +442,23 @@ def _models(args) -> tuple[list[Path], Path | None]:
         raise BoothError(once)
     if not loras:
         return models, None
-    return models, resolve(args.model if two else _recorded_base(models))
+    return models, resolve(args.model if two else _recorded_base([p for p in models if is_lora_file(p)]))
 
 
 def _recorded_base(paths: list[Path]) -> str:
     from .checkpoint import safetensors_header
     from .hub import DEFAULT_MODEL, parse
 
-    meta = next(
-        (safetensors_header(p)[0].get("__metadata__") or {} for p in paths if p.suffix == ".safetensors"), {}
-    )
-    spec = meta.get("booth.base_model")
-    if spec and not (isinstance(parse(spec), Path) and not Path(spec).exists()):
+    header = next((safetensors_header(p)[0] for p in paths if p.suffix == ".safetensors"), {})
+    spec = (header.get("__metadata__") or {}).get("booth.base_model")
+    if not spec:
+        return DEFAULT_MODEL
+    try:
+        parse(spec)  # an alias or repo id (fetched if needed), or a local file that is still there
         return spec
-    if spec:
+    except BoothError:
         log(f"booth: the LoRAs' base model {spec} is not here; using {DEFAULT_MODEL} (give the base with -m)")
-    return DEFAULT_MODEL
+        return DEFAULT_MODEL
 
 
 def run_txt2img(args) -> int:

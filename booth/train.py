@@ -442,15 +442,14 @@ class DreamBooth:
 
     def _lora_meta(self, base_name: str) -> dict[str, str]:
         """A LoRA file's header: booth's recipe plus the kohya entries A1111, ComfyUI and civitai read."""
-        from .hub import parse
         from .lora import kohya_metadata
 
         cfg = self.cfg
         alpha = cfg.lora_alpha or cfg.lora
-        # a local base is recorded absolute, so that `txt2img -c RUN/ckpts` finds it from anywhere
-        local = parse(cfg.model)
+        # a local base is recorded absolute (aliases as they are), so `txt2img -c RUN/ckpts` finds it from anywhere
+        local = Path(cfg.model)
         return {**kohya_metadata(cfg.lora, alpha, cfg.lora_targets, base_name),
-                "booth.base_model": str(local.resolve()) if isinstance(local, Path) else cfg.model,
+                "booth.base_model": str(local.resolve()) if local.exists() else cfg.model,
                 "booth.lora_rank": str(cfg.lora), "booth.lora_alpha": str(float(alpha)),
                 "booth.lora_targets": cfg.lora_targets, "booth.lora_text_encoder": str(cfg.lora_text_encoder),
                 "ss_resolution": str(tuple(cfg.hw)), "ss_learning_rate": str(cfg.learning_rate)}  # fmt: skip

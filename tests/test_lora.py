@@ -374,6 +374,21 @@ def test_a_folder_of_loras_is_compared_over_the_base(model, base, tmp_path, caps
     assert Image.open(rows[0]).tobytes() != Image.open(rows[1]).tobytes()
 
 
+def test_a_folder_of_loras_whose_base_is_gone(model, tmp_path, capsys):
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    random_lora(
+        model, folder / "a.safetensors", metadata={"booth.base_model": str(tmp_path / "gone.safetensors")}
+    )
+    assert (
+        main(["txt2img", "-c", str(folder), *IMG, "-o", str(tmp_path / "o")]) == 1
+    )  # sd15 is not cached here
+    err = capsys.readouterr().err
+    assert (
+        f"base model {tmp_path / 'gone.safetensors'} is not here; using sd15 (give the base with -m)" in err
+    )
+
+
 def test_sd1_lora_file_sizes(tmp_path):
     """Only the adapters go in the file: a rank-4 SD1 attention LoRA is 1.6 MB in fp16 (3.2 MB with ff)."""
     model = build(SD1)  # meta: no weights are made, only the adapters
