@@ -38,8 +38,9 @@ DEMO = ModelConfig(
         attention_resolutions=(2, 4),
         num_heads=4,
         context_dim=64,
+        norm_groups=8,
     ),  # fmt: skip
-    vae=VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1),
+    vae=VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8),
     clip=CLIPConfig(width=64, layers=3, heads=2, intermediate=256),
     sample_size=SIZE,
 )
@@ -213,10 +214,10 @@ def stage_config(recipe: DemoRecipe, stage: str) -> TrainConfig:
     """The loop settings of a stage, in the TrainConfig `fit` reads."""
     if stage == "vae":
         return TrainConfig(iterations=recipe.vae_steps, learning_rate=recipe.vae_lr, lr_warmup=recipe.warmup,
-                           seed=recipe.seed, save_every=500, precision="fp32", lamb=0.0)  # fmt: skip
+                           seed=recipe.seed, save_every=500, precision="fp32", lamb=0.0, lr_schedule="cosine")  # fmt: skip
     return TrainConfig(iterations=recipe.unet_steps, learning_rate=recipe.unet_lr, lr_warmup=recipe.warmup,
                        seed=recipe.seed, save_every=500, sample_every=500, precision="fp32", lamb=0.0,
-                       snr_gamma=recipe.snr_gamma)  # fmt: skip
+                       snr_gamma=recipe.snr_gamma, lr_schedule="cosine")  # fmt: skip
 
 
 def train_demo(recipe: DemoRecipe, run: Path, dist: Dist, resume: bool = False) -> Path:

@@ -416,7 +416,7 @@ def test_out_of_memory_names_the_memory_flags(base, tmp_path, capsys, monkeypatc
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(booth.train, "_forward", oom)
+    monkeypatch.setattr(booth.train, "diffusion_loss", oom)
     dreambooth(base, tmp_path, "--iterations", "2", "-l", "0", expect=1)
     message = error_of(capsys)
     for flag in ("--gradient-checkpointing", "--optimizer adamw8bit", "--cache-latents", "--batch-size"):
