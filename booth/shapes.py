@@ -129,8 +129,10 @@ def nearest_color(rgb: np.ndarray) -> str:
 def judge(image: Image.Image) -> Judgement:
     """What a shape image shows, from pixel statistics alone. The background is the colour of the border; the
     foreground is the pixels far from it. Two rotation-invariant measures tell the shape: solidity (area over
-    convex-hull area) singles out the star, and compactness (area over the circle through the farthest pixel:
-    circle 1, square 2/pi, triangle 0.41) separates the convex ones."""
+    convex-hull area) singles out the star, and compactness separates the convex ones: the area over the circle
+    through the 90th percentile of the outline's distances from the centre (about 0.95 for a circle, 0.72 for a
+    square, 0.51 for a triangle). A percentile rather than the farthest pixel, so that one bump on a generated
+    circle does not make it a square."""
     px = np.asarray(image.convert("RGB"), dtype=np.float32)
     border = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]])
     bg_rgb = np.median(border, axis=0)
@@ -142,17 +144,17 @@ def judge(image: Image.Image) -> Judgement:
     ys, xs = np.nonzero(far)
     pts = np.stack([xs, ys], axis=1).astype(np.float64)
     center = pts.mean(axis=0)
-    rmax = np.sqrt(((pts - center) ** 2).sum(1)).max() + 0.5  # to the pixel's edge, not its centre
-    compactness = float(len(pts) / (math.pi * rmax**2))
-    inner = far.copy()  # the hull only needs the boundary pixels
+    inner = far.copy()  # the outline: foreground pixels with a background neighbour
     inner[1:-1, 1:-1] = far[1:-1, 1:-1] & far[:-2, 1:-1] & far[2:, 1:-1] & far[1:-1, :-2] & far[1:-1, 2:]
     by, bx = np.nonzero(far & ~inner)
     edge = np.stack([bx, by], axis=1).astype(np.float64) if len(bx) else pts
+    radius = np.quantile(np.sqrt(((edge - center) ** 2).sum(1)), 0.9) + 0.5  # to the pixel's edge
+    compactness = float(len(pts) / (math.pi * radius**2))
     solidity = float(len(pts) / max(_hull_area(edge), 1.0))
     if solidity < 0.8:
         shape = "star"
     else:
-        shape = "circle" if compactness > 0.8 else "square" if compactness > 0.52 else "triangle"
+        shape = "circle" if compactness > 0.82 else "square" if compactness > 0.62 else "triangle"
     h, w = far.shape
     return Judgement(color, background, shape, compactness, solidity, (center[0] / w, center[1] / h))
 
