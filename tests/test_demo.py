@@ -1,0 +1,182 @@
+"""Functional tests on booth's built-in demo model: it follows the prompt, img2img keeps the layout, DreamBooth
+learns a subject, and prior preservation keeps the class from drifting. Images are judged from their pixels
+(booth.shapes.judge)."""
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from booth.cli import main
+from booth.hub import DEMO_FILE
+from booth.pipeline import Settings, StableDiffusion
+from booth.sampling import SAMPLERS
+from booth.shapes import COLORS, HELD_OUT, SHAPES, Sample, draw, judge
+
+pytestmark = pytest.mark.skipif(not DEMO_FILE.exists(), reason="the demo model is not built")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return StableDiffusion.from_pretrained("demo")
+
+
+SEEDS = list(range(8))
+
+
+def prompts(n: int, seed: int = 0, held_out: bool = False) -> list[tuple[str, str, str]]:
+    """(colour, shape, background) triples covering every shape and colour, trained combinations only."""
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        color, shape = list(COLORS)[len(out) % 6], SHAPES[(len(out) // 6 + len(out)) % 4]
+        if ((color, shape) in HELD_OUT) != held_out:
+            color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+            if ((color, shape) in HELD_OUT) != held_out:
+                continue
+        background = rng.choice([c for c in COLORS if c != color])
+        out.append((color, shape, background))
+    return out
+
+
+def accuracy(demo, triples, sampler="dpmpp_2m", schedule="karras", seeds=(0, 1)):
+    hits = {"color": 0, "background": 0, "shape": 0}
+    n = 0
+    for color, shape, background in triples:
+        images = demo.txt2img(f"a {color} {shape} on a {background} background", seeds=list(seeds),
+                              settings=Settings(sampler=sampler, schedule=schedule))  # fmt: skip
+        for image in images:
+            j = judge(image)
+            hits["color"] += j.color == color
+            hits["background"] += j.background == background
+            hits["shape"] += j.shape == shape
+            n += 1
+    return {k: v / n for k, v in hits.items()}
+
+
+def test_it_follows_the_prompt(demo):
+    acc = accuracy(demo, prompts(24), seeds=(0, 1))
+    print("demo accuracy (dpmpp_2m, karras, 48 images):", acc)
+    assert acc["color"] >= 0.8 and acc["background"] >= 0.8, acc
+    assert acc["shape"] > 0.5, acc
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_every_sampler_follows_the_prompt(demo, sampler):
+    acc = accuracy(
+        demo,
+        prompts(8, seed=1),
+        sampler=sampler,
+        schedule="uniform" if sampler in ("ddim", "plms") else "karras",
+        seeds=(0,),
+    )
+    assert acc["color"] >= 0.8 and acc["background"] >= 0.8, (sampler, acc)
+    assert acc["shape"] > 0.5, (sampler, acc)
+    print(f"{sampler}: {acc}")
+
+
+def recolored_circles(demo):
+    red = draw(Sample("circle", "red", "white", 0.35, 0.6, 0.22, 0.0))
+    return [
+        judge(i) for i in demo.img2img(red, "a blue circle on a white background", seeds=SEEDS, strength=0.6)
+    ]
+
+
+def test_img2img_keeps_the_place_and_changes_the_colour(demo):
+    judged = recolored_circles(demo)
+    for j in judged:
+        assert j.color == "blue" and j.background == "white", j
+        assert abs(j.center[0] - 0.35) < 0.15 and abs(j.center[1] - 0.6) < 0.15, j.center
+    centers = np.median([j.center for j in judged], axis=0)
+    assert abs(centers[0] - 0.35) < 0.04 and abs(centers[1] - 0.6) < 0.04, centers
+
+
+@pytest.mark.xfail(strict=True, reason="the demo model keeps the circle's outline in only 2-3 of 8 seeds when "
+                   "it recolours red to blue at strength 0.6 (rings and crescents); it needs a stronger model")  # fmt: skip
+def test_img2img_keeps_the_shape(demo):
+    judged = recolored_circles(demo)
+    assert sum(j.shape == "circle" for j in judged) >= 6, [j.shape for j in judged]
+
+
+def test_held_out_pairs(demo):
+    """Colour-shape pairs never seen in training (HELD_OUT): reported, and colours must still mostly bind."""
+    acc = accuracy(demo, prompts(8, seed=2, held_out=True), seeds=(0, 1))
+    print("held-out pairs accuracy (16 images):", acc)
+    assert acc["background"] >= 0.8, acc
+
+
+def subject_images(folder: Path) -> list:
+    """A subject the demo never saw: a green star with a thick white outline, on varied backgrounds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images = []
+    for i, (bg, cx, cy) in enumerate(
+        [("blue", 0.45, 0.5), ("red", 0.55, 0.45), ("yellow", 0.5, 0.55), ("blue", 0.5, 0.5)]
+    ):
+        image = draw(Sample("star", "green", bg, cx, cy, 0.3, 6.0 * i), outline="white", outline_width=0.05)
+        image.save(folder / f"{i}.png")
+        images.append(image)
+    return images
+
+
+def subject_likeness(images) -> float:
+    """Mean share of the foreground drawn in the subject's colours (green or white): 1 for the instance
+    images, near 0 for the demo's ordinary stars on a black background."""
+    shares = []
+    for image in images:
+        px = np.asarray(image, dtype=np.float32)
+        border = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]])
+        foreground = np.linalg.norm(px - np.median(border, axis=0), axis=-1) > 80
+        subject = np.zeros_like(foreground)
+        for name in ("green", "white"):
+            subject |= np.linalg.norm(px - np.array(COLORS[name]), axis=-1) < 90
+        shares.append((subject & foreground).sum() / max(foreground.sum(), 1))
+    return float(np.mean(shares))
+
+
+def dreambooth_run(tmp: Path, lamb: float) -> Path:
+    out = tmp / f"lambda-{lamb}"
+    code = main(["dreambooth", "-m", "demo", "-c", "star", "-i", str(tmp / "subject"), "-o", str(out),
+                 "--class-dir", str(tmp / "class"), "--iterations", "600", "--learning-rate", "2e-4",
+                 "-l", str(lamb), "--class-img-count", "20", "--ddim-steps", "20", "--seed", "0",
+                 "--no-random-resize", "--save-precision", "fp32"])  # fmt: skip
+    assert code == 0
+    return out / "run0" / "ckpts" / "step-000600.safetensors"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The same DreamBooth run (600 steps, the paper's recipe scaled to the demo) with and without the prior."""
+    tmp = tmp_path_factory.mktemp("db")
+    assert subject_likeness(subject_images(tmp / "subject")) > 0.8  # anti-aliased edges are neither
+    return {lamb: dreambooth_run(tmp, lamb) for lamb in (1.0, 0.0)}
+
+
+def test_dreambooth_learns_the_subject(demo, trained):
+    prompt = "a sks star on a black background"  # the instance images have no black background
+    before = subject_likeness(demo.txt2img(prompt, seeds=SEEDS))
+    images = StableDiffusion.from_pretrained(str(trained[1.0])).txt2img(prompt, seeds=SEEDS)
+    after = subject_likeness(images)
+    print(f"subject likeness of {prompt!r}: before {before:.3f}, after {after:.3f}")
+    assert after > before + 0.25
+    judged = [judge(i) for i in images]
+    assert sum(j.background == "black" for j in judged) >= 6, judged  # recontextualised
+    assert sum(j.shape == "star" for j in judged) >= 6, judged
+
+
+def test_prior_preservation_keeps_the_class(demo, trained):
+    base = demo.txt2img("a star", seeds=SEEDS)
+
+    def drift(path):
+        images = StableDiffusion.from_pretrained(str(path)).txt2img("a star", seeds=SEEDS)
+        pixels = np.mean([np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean()
+                          for a, b in zip(images, base)])  # fmt: skip
+        return subject_likeness(images), float(pixels)
+
+    base_like = subject_likeness(base)
+    with_prior, without_prior = drift(trained[1.0]), drift(trained[0.0])
+    print(f"'a star' (subject likeness, mean pixel change from the base model): base {base_like:.3f}, "
+          f"lambda 1 {with_prior}, lambda 0 {without_prior}")  # fmt: skip
+    assert with_prior[0] < base_like + 0.08, "with the prior, 'a star' keeps the model's ordinary stars"
+    assert without_prior[0] > with_prior[0] + 0.08, "without the prior, 'a star' takes on the subject's look"
+    assert with_prior[1] < without_prior[1]
