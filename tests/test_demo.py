@@ -180,3 +180,26 @@ def test_prior_preservation_keeps_the_class(demo, trained):
     assert with_prior[0] < base_like + 0.08, "with the prior, 'a star' keeps the model's ordinary stars"
     assert without_prior[0] > with_prior[0] + 0.08, "without the prior, 'a star' takes on the subject's look"
     assert with_prior[1] < without_prior[1]
+
+
+def test_lora_dreambooth_learns_the_subject_and_keeps_the_class(demo, trained, tmp_path):
+    """The same subject as a rank-8 LoRA (a 0.2 MB file) with prior preservation, applied over the demo."""
+    from booth.lora import apply_loras, read_lora
+
+    db = trained[1.0].parents[3]
+    code = main(["dreambooth", "-m", "demo", "-c", "star", "-i", str(db / "subject"), "-o", str(tmp_path),
+                 "--class-dir", str(db / "class"), "--class-img-count", "20", "--lora", "8", "--learning-rate", "1e-3",
+                 "--iterations", "300", "-l", "1", "--seed", "0", "--no-random-resize"])  # fmt: skip
+    assert code == 0
+    path = tmp_path / "run0" / "ckpts" / "step-000300.safetensors"
+    assert path.stat().st_size < 1_000_000
+    prompt = "a sks star on a black background"
+    before, class_before = (subject_likeness(demo.txt2img(p, seeds=SEEDS)) for p in (prompt, "a star"))
+    lora = StableDiffusion.from_pretrained("demo")
+    apply_loras(lora, [(read_lora(path), 1.0)])
+    after, class_after = (subject_likeness(lora.txt2img(p, seeds=SEEDS)) for p in (prompt, "a star"))
+    print(
+        f"LoRA: subject likeness {before:.3f} -> {after:.3f}; 'a star' {class_before:.3f} -> {class_after:.3f}"
+    )
+    assert after > before + 0.2
+    assert class_after < class_before + 0.08
