@@ -1,6 +1,6 @@
-"""Functional tests on booth's built-in demo model: it follows the prompt, img2img keeps the layout, DreamBooth
-learns a subject, and prior preservation keeps the class from drifting. Images are judged from their pixels
-(booth.shapes.judge)."""
+"""Functional tests on booth's built-in demo model: it follows the prompt with every sampler, img2img keeps the
+layout, DreamBooth (full and LoRA) learns a subject, and prior preservation keeps the class from drifting.
+Images are judged from their pixels (booth.shapes.judge, itself checked on ground truth in test_shapes.py)."""
 
 import random
 from pathlib import Path
@@ -26,7 +26,8 @@ SEEDS = list(range(8))
 
 
 def prompts(n: int, seed: int = 0, held_out: bool = False) -> list[tuple[str, str, str]]:
-    """(colour, shape, background) triples covering every shape and colour, trained combinations only."""
+    """(colour, shape, background) triples covering every shape and colour: trained colour-shape pairs, or with
+    `held_out` only the pairs kept out of training."""
     rng = random.Random(seed)
     out = []
     while len(out) < n:
