@@ -11,6 +11,7 @@ import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -107,6 +108,19 @@ def dataset(n: int, seed: int = 0, size: int = 64) -> Iterator[tuple[Image.Image
         yield draw(sample, size), sample
 
 
+def outlined_star_subject(folder: Path | None = None) -> list[Image.Image]:
+    """A DreamBooth subject the demo never saw: a green star with a thick white outline, in four scenes on
+    varied backgrounds. With `folder`, also saved there as 0.png ... 3.png."""
+    scenes = [("blue", 0.45, 0.5), ("red", 0.55, 0.45), ("yellow", 0.5, 0.55), ("blue", 0.5, 0.5)]
+    images = [draw(Sample("star", "green", bg, cx, cy, 0.3, 6.0 * i), outline="white", outline_width=0.05)
+              for i, (bg, cx, cy) in enumerate(scenes)]  # fmt: skip
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images):
+            image.save(folder / f"{i}.png")
+    return images
+
+
 # ----------------------------------------------------------------------------- reading an image back
 
 
@@ -115,7 +129,7 @@ class Judgement:
     color: str
     background: str
     shape: str
-    compactness: float  # foreground area / area of the circle through its farthest pixel
+    compactness: float  # foreground area / area of the circle through the 90th-percentile outline radius
     solidity: float  # foreground area / area of its convex hull
     center: tuple[float, float]  # foreground centroid, as fractions of the side
 
@@ -126,6 +140,13 @@ def nearest_color(rgb: np.ndarray) -> str:
     return names[int(np.argmin(((palette - rgb) ** 2).sum(-1)))]
 
 
+def foreground(px: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mask of the pixels far from the background, the background's RGB: the median of the border pixels)
+    of an (H, W, 3) float array."""
+    bg_rgb = np.median(np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]]), axis=0)
+    return np.sqrt(((px - bg_rgb) ** 2).sum(-1)) > 80, bg_rgb
+
+
 def judge(image: Image.Image) -> Judgement:
     """What a shape image shows, from pixel statistics alone. The background is the colour of the border; the
     foreground is the pixels far from it. Two rotation-invariant measures tell the shape: solidity (area over
@@ -134,9 +155,7 @@ def judge(image: Image.Image) -> Judgement:
     square, 0.51 for a triangle). A percentile rather than the farthest pixel, so that one bump on a generated
     circle does not make it a square."""
     px = np.asarray(image.convert("RGB"), dtype=np.float32)
-    border = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]])
-    bg_rgb = np.median(border, axis=0)
-    far = np.sqrt(((px - bg_rgb) ** 2).sum(-1)) > 80
+    far, bg_rgb = foreground(px)
     background = nearest_color(bg_rgb)
     if far.sum() < 0.01 * far.size:
         return Judgement("none", background, "none", 0.0, 0.0, (0.5, 0.5))

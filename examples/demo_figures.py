@@ -14,7 +14,7 @@ from PIL import Image
 from booth.cli import main as booth
 from booth.images import grid
 from booth.pipeline import StableDiffusion
-from booth.shapes import COLORS, SHAPES, Sample, draw
+from booth.shapes import COLORS, SHAPES, outlined_star_subject
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 ZOOM = 2  # 64 px images are small on a page
@@ -39,21 +39,8 @@ def prompt_grid(sd: StableDiffusion) -> Image.Image:
     return grid(rows, labels)
 
 
-def subject(folder: Path) -> list[Image.Image]:
-    """The DreamBooth test subject: a green star with a thick white outline (never in the training data)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    images = []
-    for i, (bg, cx, cy) in enumerate(
-        [("blue", 0.45, 0.5), ("red", 0.55, 0.45), ("yellow", 0.5, 0.55), ("blue", 0.5, 0.5)]
-    ):
-        image = draw(Sample("star", "green", bg, cx, cy, 0.3, 6.0 * i), outline="white", outline_width=0.05)
-        image.save(folder / f"{i}.png")
-        images.append(image)
-    return images
-
-
 def dreambooth_figure(sd: StableDiffusion, tmp: Path) -> Image.Image:
-    inputs = subject(tmp / "subject")
+    inputs = outlined_star_subject(tmp / "subject")
     code = booth(["dreambooth", "-m", "demo", "-c", "star", "-i", str(tmp / "subject"), "-o", str(tmp / "run"),
                   "--iterations", "600", "--learning-rate", "2e-4", "--class-img-count", "20", "--ddim-steps", "20",
                   "--seed", "0", "--no-random-resize"])  # fmt: skip

@@ -12,7 +12,7 @@ from booth.cli import main
 from booth.hub import DEMO_FILE
 from booth.pipeline import Settings, StableDiffusion
 from booth.sampling import SAMPLERS
-from booth.shapes import COLORS, HELD_OUT, SHAPES, Sample, draw, judge
+from booth.shapes import COLORS, HELD_OUT, SHAPES, Sample, draw, foreground, judge, outlined_star_subject
 
 pytestmark = pytest.mark.skipif(not DEMO_FILE.exists(), reason="the demo model is not built")
 
@@ -107,31 +107,17 @@ def test_held_out_pairs(demo):
     assert acc["background"] >= 0.8, acc
 
 
-def subject_images(folder: Path) -> list:
-    """A subject the demo never saw: a green star with a thick white outline, on varied backgrounds."""
-    folder.mkdir(parents=True, exist_ok=True)
-    images = []
-    for i, (bg, cx, cy) in enumerate(
-        [("blue", 0.45, 0.5), ("red", 0.55, 0.45), ("yellow", 0.5, 0.55), ("blue", 0.5, 0.5)]
-    ):
-        image = draw(Sample("star", "green", bg, cx, cy, 0.3, 6.0 * i), outline="white", outline_width=0.05)
-        image.save(folder / f"{i}.png")
-        images.append(image)
-    return images
-
-
 def subject_likeness(images) -> float:
     """Mean share of the foreground drawn in the subject's colours (green or white): 1 for the instance
     images, near 0 for the demo's ordinary stars on a black background."""
     shares = []
     for image in images:
         px = np.asarray(image, dtype=np.float32)
-        border = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]])
-        foreground = np.linalg.norm(px - np.median(border, axis=0), axis=-1) > 80
-        subject = np.zeros_like(foreground)
+        far, _ = foreground(px)
+        subject = np.zeros_like(far)
         for name in ("green", "white"):
             subject |= np.linalg.norm(px - np.array(COLORS[name]), axis=-1) < 90
-        shares.append((subject & foreground).sum() / max(foreground.sum(), 1))
+        shares.append((subject & far).sum() / max(far.sum(), 1))
     return float(np.mean(shares))
 
 
@@ -149,7 +135,7 @@ def dreambooth_run(tmp: Path, lamb: float) -> Path:
 def trained(tmp_path_factory):
     """The same DreamBooth run (600 steps, the paper's recipe scaled to the demo) with and without the prior."""
     tmp = tmp_path_factory.mktemp("db")
-    assert subject_likeness(subject_images(tmp / "subject")) > 0.8  # anti-aliased edges are neither
+    assert subject_likeness(outlined_star_subject(tmp / "subject")) > 0.8  # anti-aliased edges are neither
     return {lamb: dreambooth_run(tmp, lamb) for lamb in (1.0, 0.0)}
 
 
