@@ -703,7 +703,10 @@ def run_train_demo(args) -> int:
         run = Path(args.resume_dir)
         if not (run / "recipe.yaml").is_file():
             raise BoothError(f"{run} is not a train-demo run (no recipe.yaml)")
-        recipe = DemoRecipe(**yaml.safe_load((run / "recipe.yaml").read_text()))
+        try:
+            recipe = DemoRecipe(**yaml.safe_load((run / "recipe.yaml").read_text()))
+        except (yaml.YAMLError, TypeError) as e:
+            raise BoothError(f"cannot read {run / 'recipe.yaml'}: {str(e).splitlines()[0]}") from None
     else:
         recipe = DemoRecipe(
             seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps, scenes=args.scenes

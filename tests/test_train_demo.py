@@ -102,10 +102,13 @@ def test_ctrl_c_then_resume_gives_bitwise_the_same_model(whole, tmp_path):
         (["--unet-steps", "0"], "--unet-steps"),
         (["--scenes", "0"], "--scenes"),
         (["-r", "."], "not a train-demo run"),
+        (["-r", "bad-recipe"], "recipe.yaml"),
     ],
 )
 def test_bad_arguments_give_one_line(args, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad-recipe").mkdir()  # a run written by another version, or edited by hand
+    (tmp_path / "bad-recipe" / "recipe.yaml").write_text("seed: 0\nunet_stpes: 10\n")
     assert main(["train-demo", "-o", str(tmp_path / "out"), *args]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("booth: error: ") and needle in err[0], err
