@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from booth.cli import main as booth
-from booth.images import grid
+from booth.images import grid, save_png
 from booth.pipeline import StableDiffusion
 from booth.shapes import COLORS, SHAPES, outlined_star_subject
 
@@ -57,8 +57,8 @@ def dreambooth_figure(sd: StableDiffusion, tmp: Path) -> Image.Image:
 if __name__ == "__main__":
     DOCS.mkdir(exist_ok=True)
     demo = StableDiffusion.from_pretrained("demo")
-    prompt_grid(demo).save(DOCS / "demo-grid.png")
+    save_png(prompt_grid(demo), DOCS / "demo-grid.png")
     with tempfile.TemporaryDirectory() as tmp:
-        dreambooth_figure(demo, Path(tmp)).save(DOCS / "demo-dreambooth.png")
+        save_png(dreambooth_figure(demo, Path(tmp)), DOCS / "demo-dreambooth.png")
     print(DOCS / "demo-grid.png")
     print(DOCS / "demo-dreambooth.png")

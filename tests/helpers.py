@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
 import torch
 
 from booth.config import ModelConfig
@@ -116,9 +123,6 @@ def clip_vocab() -> dict[str, int]:
 
 def write_clip_tokenizer(folder) -> None:
     """vocab.json + merges.txt as in a diffusers `tokenizer/` folder."""
-    import json
-    from pathlib import Path
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *clip_merges()]) + "\n", encoding="utf-8")
@@ -151,3 +155,21 @@ def diffusers_pipeline(model: LatentDiffusion, tmp, img2img: bool = False):
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def read_jsonl(path) -> list[dict]:
+    """A run's metrics.jsonl, one dict per logged step."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def interrupt_once_logged(cmd: list[str], log, lines: int = 3, timeout: float = 300) -> tuple[int, str]:
+    """Run `cmd` (a booth training command) in a fresh process, press Ctrl-C once `log` has `lines` steps in it,
+    and return its exit code and stderr."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = Path(log), time.time() + timeout
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < lines):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err

@@ -2,15 +2,13 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import diffusers_unet, ldm_original_config, perturb_norms
+from helpers import diffusers_unet, interrupt_once_logged, ldm_original_config, perturb_norms, read_jsonl
 
 from booth.checkpoint import UNET, read_checkpoint, save_checkpoint
 from booth.cli import main
@@ -43,7 +41,7 @@ def unet_of(path):
 
 
 def metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(run / "metrics.jsonl")
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -185,14 +183,8 @@ def test_ctrl_c_saves_a_state_and_resume_finishes_identically(base, tmp_path):
     whole = dreambooth(base, tmp_path / "whole", *args) / "run0"
     cmd = [sys.executable, "-m", "booth", "dreambooth", "-c", "dog", "-i", str(DOG), "-m", str(base),
            "-o", str(tmp_path / "cut"), *FAST, *args]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = tmp_path / "cut" / "run0" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    code, err = interrupt_once_logged(cmd, tmp_path / "cut" / "run0" / "metrics.jsonl", timeout=120)
+    assert code == 130, err
     assert "continue with: booth dreambooth -r" in err and "Traceback" not in err
     cut = tmp_path / "cut" / "run0"
     stopped = len(metrics(cut))

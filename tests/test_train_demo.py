@@ -2,17 +2,13 @@
 writes, that the file describes itself, that the VAE stays frozen in stage 2, and that a run cut by Ctrl-C and
 resumed ends with bitwise the same weights as one that never stopped."""
 
-import json
-import os
 import random
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import interrupt_once_logged, read_jsonl
 
 from booth.checkpoint import read_checkpoint
 from booth.cli import main
@@ -24,10 +20,6 @@ from booth.shapes import draw, random_sample
 
 UNET_STEPS = 20
 FAST = ["--vae-steps", "4", "--unet-steps", str(UNET_STEPS), "--scenes", "64"]
-
-
-def metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +35,8 @@ def final(run: Path) -> Path:
 
 def test_writes_a_model_that_loads_from_its_file_alone(whole):
     assert (whole / "recipe.yaml").is_file()
-    vae_log, unet_log = metrics(whole / "vae" / "metrics.jsonl"), metrics(whole / "unet" / "metrics.jsonl")
+    vae_log = read_jsonl(whole / "vae" / "metrics.jsonl")
+    unet_log = read_jsonl(whole / "unet" / "metrics.jsonl")
     assert [r["step"] for r in vae_log] == [1, 2, 3, 4] and {"reconstruction", "kl"} <= set(vae_log[0])
     assert [r["step"] for r in unet_log] == list(range(1, UNET_STEPS + 1))
     ckpt = read_checkpoint(final(whole))
@@ -75,24 +68,17 @@ def test_latents_are_scaled_to_the_recipe_std(whole):
 
 
 def test_ctrl_c_then_resume_gives_bitwise_the_same_model(whole, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "booth", "train-demo", "-o", str(tmp_path), *FAST]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = tmp_path / "run0" / "unet" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    code, err = interrupt_once_logged(cmd, tmp_path / "run0" / "unet" / "metrics.jsonl")
+    assert code == 130, err
     assert "continue with: booth train-demo -r" in err and "Traceback" not in err
     cut = tmp_path / "run0"
-    assert 3 <= len(metrics(cut / "unet" / "metrics.jsonl")) < UNET_STEPS
+    assert 3 <= len(read_jsonl(cut / "unet" / "metrics.jsonl")) < UNET_STEPS
     assert main(["train-demo", "-r", str(cut)]) == 0
     a, b = (read_checkpoint(final(r)).state_dict for r in (whole, cut))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["loss"] for r in metrics(cut / "unet" / "metrics.jsonl")] == [
-        r["loss"] for r in metrics(whole / "unet" / "metrics.jsonl")
+    assert [r["loss"] for r in read_jsonl(cut / "unet" / "metrics.jsonl")] == [
+        r["loss"] for r in read_jsonl(whole / "unet" / "metrics.jsonl")
     ]
 
 
