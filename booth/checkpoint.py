@@ -523,7 +523,16 @@ def read_checkpoint(path: str | os.PathLike, ema: bool = False) -> Checkpoint:
             f"--lora {path}"
         )
     sd = to_layout(raw, ema=ema, source=str(path))
-    cfg = ModelConfig.from_json(meta[CONFIG_KEY]) if CONFIG_KEY in meta else infer_config(sd, str(path))
+    if CONFIG_KEY in meta:
+        try:
+            cfg = ModelConfig.from_json(meta[CONFIG_KEY])
+        except (ValueError, TypeError, AttributeError) as e:  # bad JSON, or fields this booth does not know
+            raise BoothError(
+                f"cannot read the model config stored in {path} ({str(e).splitlines()[0]}); "
+                "it may come from a newer booth: upgrade booth"
+            ) from None
+    else:
+        cfg = infer_config(sd, str(path))
     return Checkpoint(path, cfg, sd, meta)
 
 

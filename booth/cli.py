@@ -259,6 +259,9 @@ def _dreambooth_args(sub) -> None:
         help="encode images once (turns off resize and colour augmentation)",
     )
     a("--noise-offset", type=float, default=None, help="noise offset, e.g. 0.05 (default 0)")
+    a("--pyramid-noise", type=float, default=None, metavar="DISCOUNT",
+      help="multi-resolution noise, each coarser level DISCOUNT times the finer one, e.g. 0.3 (default: the "
+      "noise the base model was trained with, stored in booth-trained files; off for SD); 0 is white noise")  # fmt: skip
     a("--snr-gamma", type=float, default=None, help="min-SNR loss weighting, e.g. 5 (default off)")
     a("--sample-every", type=int, default=None, help="save fixed-seed previews every N steps")
     a("--sample-prompt", default=None, help="prompt of the previews (default: the instance prompt)")
@@ -659,6 +662,8 @@ def _validated(cfg):
             raise BoothError(
                 f"{flag} must be a {'positive' if flag != '--lamb' else 'non-negative'} number (got {value})"
             )
+    if cfg.pyramid_noise is not None and not 0 <= cfg.pyramid_noise <= 1:
+        raise BoothError(f"--pyramid-noise must be between 0 and 1 (got {cfg.pyramid_noise})")
     if cfg.optimizer == "adamw8bit":
         try:
             import bitsandbytes  # noqa: F401

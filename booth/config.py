@@ -68,6 +68,9 @@ class ModelConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
+    # The training noise's multi-resolution discount (train.pyramid_noise; SD: 0, white noise). Fine-tuning
+    # defaults to it: a model fine-tuned on other noise than it was trained on learns its subject badly.
+    pyramid_noise: float = 0.0
     sample_size: int = 512  # the image side the model was trained at: the default --hw
 
     def to_json(self) -> str:

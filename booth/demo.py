@@ -61,10 +61,12 @@ class DemoRecipe:
     unet_batch: int = 32
     snr_gamma: float = 5.0
     warmup: int = 100
-    # The std latents are scaled to (SD: about 1). Below 1 the same schedule hides more of these flat, redundant
-    # shapes at each step. 0.57 made img2img recolour a circle cleanly at strength 0.6, but PLMS then diverged
-    # at CFG 7.5, so the shipped model keeps 1.
+    # The std latents are scaled to (SD: about 1). Below 1 the same schedule hides more of each flat shape at each
+    # step; 0.57 helped img2img but made PLMS diverge at CFG 7.5, so the multi-resolution noise below does that job.
     latent_std: float = 1.0
+    # White noise hides the colour of a large flat shape slowly, so img2img at strength 0.6 could read the old
+    # colour of a recoloured shape and carve holes in it (7 of 16 clean circles with white noise only, 13 with 0.35).
+    pyramid_noise: float = 0.35  # see train.pyramid_noise
 
 
 class ShapeStream:
@@ -141,7 +143,9 @@ class TextToImageTask:
         self.scenes = [random_sample(rng) for _ in range(recipe.scenes)]
         self.moments = self._encode_scenes(model)  # (N, 2 [mean, std], 4, h, w)
         scale = round(recipe.latent_std / float(self.moments[:, 0].std()), 5)
-        self.model = model = _with_config(model, replace(DEMO, scale_factor=scale))
+        self.model = model = _with_config(
+            model, replace(DEMO, scale_factor=scale, pyramid_noise=recipe.pyramid_noise)
+        )
         model.unet.train()
         model.text_encoder.train()
         self.params = list(model.unet.parameters()) + list(model.text_encoder.parameters())
@@ -220,7 +224,7 @@ def stage_config(recipe: DemoRecipe, stage: str) -> TrainConfig:
                            seed=recipe.seed, save_every=500, precision="fp32", lamb=0.0, lr_schedule="cosine")  # fmt: skip
     return TrainConfig(iterations=recipe.unet_steps, learning_rate=recipe.unet_lr, lr_warmup=recipe.warmup,
                        seed=recipe.seed, save_every=500, sample_every=500, precision="fp32", lamb=0.0,
-                       snr_gamma=recipe.snr_gamma, lr_schedule="cosine")  # fmt: skip
+                       snr_gamma=recipe.snr_gamma, lr_schedule="cosine", pyramid_noise=recipe.pyramid_noise)  # fmt: skip
 
 
 def train_demo(recipe: DemoRecipe, run: Path, dist: Dist, resume: bool = False) -> Path:

@@ -31,7 +31,7 @@ SCHEDULE_NAMES = {"uniform": "Uniform", "karras": "Karras", "exponential": "Expo
 
 @dataclass
 class Settings:
-    """How to sample; the defaults are booth's CLI defaults (`plms`, 50 steps reproduce the seed tool)."""
+    """How to sample; the defaults are booth's CLI defaults (`sampler="plms", steps=50` are the seed tool's)."""
 
     steps: int = 25
     sampler: str = "dpmpp_2m"

@@ -76,6 +76,9 @@ class TrainConfig:
     optimizer: str = "adamw"
     cache_latents: bool = False
     noise_offset: float = 0.0
+    pyramid_noise: float | None = (
+        None  # multi-resolution noise discount (0: white); None: the base model's own
+    )
     snr_gamma: float | None = None
     sample_every: int | None = None
     sample_prompt: str | None = None
@@ -381,6 +384,8 @@ class DreamBooth:
                      "originals": {k: v for k, v in ckpt.state_dict.items() if lossy and not k.startswith(UNET)}}  # fmt: skip
         self.model = model = load_model(ckpt, device, None)
         cfg.hw = tuple(cfg.hw or (model.config.sample_size,) * 2)
+        if cfg.pyramid_noise is None:
+            cfg.pyramid_noise = model.config.pyramid_noise
         model.unet.to(frozen_dtype if cfg.lora else torch.float32)  # trained weights are fp32 master weights
         model.vae.to(frozen_dtype)
         model.text_encoder.to(torch.float32 if cfg.train_text_encoder else frozen_dtype)
@@ -673,6 +678,26 @@ class Batches:
             c.load_state_dict(state[kind])
 
 
+def pyramid_noise(noise: torch.Tensor, gens, discount: float) -> torch.Tensor:
+    """Multi-resolution noise: white noise plus noise drawn at 1/2, 1/4, ... of the size (down to one pixel),
+    each level `discount` times the one above, upsampled by repetition and rescaled to unit variance.
+
+    Plain noise hides large flat regions slowly (averaging over n pixels divides its std by sqrt(n)), so a
+    model can read their colour through most of the schedule and will not repaint them. Low-frequency noise
+    teaches it that such colour may be noise."""
+    _, c, h, w = noise.shape
+    out, variance, level = noise.clone(), 1.0, 1
+    while h >> level >= 1 and w >> level >= 1:
+        low = torch.cat([torch.randn((1, c, h >> level, w >> level), generator=g) for g in gens]).to(
+            noise.device
+        )
+        # nearest upsampling keeps each pixel's variance exactly discount ** (2 * level)
+        out = out + discount**level * torch.nn.functional.interpolate(low, size=(h, w), mode="nearest")
+        variance += discount ** (2 * level)
+        level += 1
+    return out / variance**0.5
+
+
 def diffusion_loss(cfg: TrainConfig, x0, gens, context, n_inst, unet, alphas_cumprod, amp):
     """Noise clean latents at random timesteps, predict the noise, and return the DreamBooth loss (the plain
     diffusion loss when every row is an "instance"). `gens` has one generator per row; `context` (B, L, C)."""
@@ -681,6 +706,8 @@ def diffusion_loss(cfg: TrainConfig, x0, gens, context, n_inst, unet, alphas_cum
     if cfg.noise_offset:  # (Guttenberg 2023) lets the model learn very dark and very bright images
         offset = torch.cat([torch.randn((1, x0.shape[1], 1, 1), generator=g) for g in gens]).to(device)
         noise = noise + cfg.noise_offset * offset
+    if cfg.pyramid_noise:
+        noise = pyramid_noise(noise, gens, cfg.pyramid_noise)
     t = torch.cat([torch.randint(0, len(alphas_cumprod), (1,), generator=g) for g in gens]).to(device)
     a = alphas_cumprod[t].view(-1, 1, 1, 1)
     noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -739,7 +766,7 @@ def _tensorboard(run: Path):
 
 def _hyper(cfg: TrainConfig) -> dict:
     keys = ("learning_rate", "lamb", "iterations", "batch_size", "grad_accum", "lr_warmup", "seed", "class_img_count",
-            "train_text_encoder", "precision", "optimizer", "noise_offset", "snr_gamma", "token", "class_name", "lora",
+            "train_text_encoder", "precision", "optimizer", "noise_offset", "pyramid_noise", "snr_gamma", "token", "class_name", "lora",
             "lora_alpha", "lora_targets", "lora_text_encoder")  # fmt: skip
     return {k: getattr(cfg, k) for k in keys}
 

@@ -42,7 +42,7 @@ def prompt_grid(sd: StableDiffusion) -> Image.Image:
 def dreambooth_figure(sd: StableDiffusion, tmp: Path) -> Image.Image:
     inputs = outlined_star_subject(tmp / "subject")
     code = booth(["dreambooth", "-m", "demo", "-c", "star", "-i", str(tmp / "subject"), "-o", str(tmp / "run"),
-                  "--iterations", "600", "--learning-rate", "2e-4", "--class-img-count", "20", "--ddim-steps", "20",
+                  "--iterations", "600", "--learning-rate", "1e-4", "--class-img-count", "20", "--ddim-steps", "20",
                   "--seed", "0", "--no-random-resize"])  # fmt: skip
     if code:
         sys.exit(code)
@@ -51,7 +51,7 @@ def dreambooth_figure(sd: StableDiffusion, tmp: Path) -> Image.Image:
     before_row = [big(sd.txt2img(p, seeds=[0])[0]) for p in prompts]
     after_row = [big(after.txt2img(p, seeds=[0])[0]) for p in prompts]
     return grid([[big(i) for i in inputs], before_row, after_row],
-                ["the 4 training photos", "before: a sks star on a black/white/red/yellow background", "after 600 steps (lambda 1)"])  # fmt: skip
+                ["the 4 training images", "before: a sks star on a black/white/red/yellow background", "after 600 steps (lambda 1)"])  # fmt: skip
 
 
 if __name__ == "__main__":

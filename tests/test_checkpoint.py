@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from booth.checkpoint import (
+    CONFIG_KEY,
     UNET,
     diffusers_config,
     infer_config,
@@ -191,6 +192,20 @@ def test_config_in_metadata_wins_over_inference(sd, tmp_path):
     save_checkpoint(sd, path, config=odd)
     assert read_checkpoint(path).config == odd
     assert ModelConfig.from_json(odd.to_json()) == odd
+
+
+def test_unreadable_config_in_metadata_is_a_clear_error(sd, tmp_path):
+    """A file from a newer booth (an unknown config field) or a damaged header: one line, not a traceback."""
+    import json
+
+    from safetensors.torch import save_file
+
+    newer = json.loads(TINY.to_json()) | {"some_future_field": 1}
+    for name, text in (("newer", json.dumps(newer)), ("damaged", "{not json")):
+        path = tmp_path / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata={CONFIG_KEY: text})
+        with pytest.raises(BoothError, match=f"cannot read the model config stored in .*{name}"):
+            read_checkpoint(path)
 
 
 def test_load_model_shares_the_file_tensors(sd, tmp_path):

@@ -93,8 +93,6 @@ def test_img2img_keeps_the_place_and_changes_the_colour(demo):
     assert abs(centers[0] - 0.35) < 0.04 and abs(centers[1] - 0.6) < 0.04, centers
 
 
-@pytest.mark.xfail(strict=True, reason="the demo model keeps the circle's outline in only 2-3 of 8 seeds when "
-                   "it recolours red to blue at strength 0.6 (rings and crescents); it needs a stronger model")  # fmt: skip
 def test_img2img_keeps_the_shape(demo):
     judged = recolored_circles(demo)
     assert sum(j.shape == "circle" for j in judged) >= 6, [j.shape for j in judged]
@@ -124,7 +122,7 @@ def subject_likeness(images) -> float:
 def dreambooth_run(tmp: Path, lamb: float) -> Path:
     out = tmp / f"lambda-{lamb}"
     code = main(["dreambooth", "-m", "demo", "-c", "star", "-i", str(tmp / "subject"), "-o", str(out),
-                 "--class-dir", str(tmp / "class"), "--iterations", "600", "--learning-rate", "2e-4",
+                 "--class-dir", str(tmp / "class"), "--iterations", "600", "--learning-rate", "1e-4",
                  "-l", str(lamb), "--class-img-count", "20", "--ddim-steps", "20", "--seed", "0",
                  "--no-random-resize", "--save-precision", "fp32"])  # fmt: skip
     assert code == 0
@@ -151,34 +149,51 @@ def test_dreambooth_learns_the_subject(demo, trained):
     assert sum(j.shape == "star" for j in judged) >= 6, judged
 
 
+def foreground_drift(images, base) -> float:
+    """Mean absolute pixel change from the base model's image at the same seed, inside the union of both
+    foregrounds. `a star` leaves the background to the seed, and the demo model (trained on multi-resolution
+    noise) picks it so sensitively that any fine-tune, with or without the prior, flips about half of the
+    backgrounds; the class drift that prior preservation is about is in the star."""
+    changes = []
+    for a, b in zip(images, base):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        mask = foreground(a)[0] | foreground(b)[0]
+        changes.append(np.abs(a - b)[mask].mean() if mask.any() else 0.0)
+    return float(np.mean(changes))
+
+
 def test_prior_preservation_keeps_the_class(demo, trained):
     base = demo.txt2img("a star", seeds=SEEDS)
 
     def drift(path):
         images = StableDiffusion.from_pretrained(str(path)).txt2img("a star", seeds=SEEDS)
-        pixels = np.mean([np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean()
-                          for a, b in zip(images, base)])  # fmt: skip
-        return subject_likeness(images), float(pixels)
+        return (
+            subject_likeness(images),
+            foreground_drift(images, base),
+            sum(judge(i).shape == "star" for i in images),
+        )
 
     base_like = subject_likeness(base)
     with_prior, without_prior = drift(trained[1.0]), drift(trained[0.0])
-    print(f"'a star' (subject likeness, mean pixel change from the base model): base {base_like:.3f}, "
+    print(f"'a star' (subject likeness, change of the star from the base model, stars of 8): base {base_like:.3f}, "
           f"lambda 1 {with_prior}, lambda 0 {without_prior}")  # fmt: skip
     assert with_prior[0] < base_like + 0.08, "with the prior, 'a star' keeps the model's ordinary stars"
+    assert with_prior[2] >= 5, "with the prior, 'a star' still draws stars"
     assert without_prior[0] > with_prior[0] + 0.08, "without the prior, 'a star' takes on the subject's look"
     assert with_prior[1] < without_prior[1]
 
 
 def test_lora_dreambooth_learns_the_subject_and_keeps_the_class(demo, trained, tmp_path):
-    """The same subject as a rank-8 LoRA (a 0.2 MB file) with prior preservation, applied over the demo."""
+    """The same subject as a rank-8 LoRA (a 0.2 MB file) with prior preservation, applied over the demo. The prior
+    gets weight 2: at 1 the adapters (300 steps, lr 1e-3) pulled `a star` towards the subject (share 0.18 -> 0.29)."""
     from booth.lora import apply_loras, read_lora
 
     db = trained[1.0].parents[3]
     code = main(["dreambooth", "-m", "demo", "-c", "star", "-i", str(db / "subject"), "-o", str(tmp_path),
                  "--class-dir", str(db / "class"), "--class-img-count", "20", "--lora", "8", "--learning-rate", "1e-3",
-                 "--iterations", "300", "-l", "1", "--seed", "0", "--no-random-resize"])  # fmt: skip
+                 "--iterations", "600", "-l", "2", "--seed", "0", "--no-random-resize"])  # fmt: skip
     assert code == 0
-    path = tmp_path / "run0" / "ckpts" / "step-000300.safetensors"
+    path = tmp_path / "run0" / "ckpts" / "step-000600.safetensors"
     assert path.stat().st_size < 1_000_000
     prompt = "a sks star on a black background"
     before, class_before = (subject_likeness(demo.txt2img(p, seeds=SEEDS)) for p in (prompt, "a star"))

@@ -14,7 +14,7 @@ from booth.checkpoint import UNET, read_checkpoint, save_checkpoint
 from booth.cli import main
 from booth.config import TINY
 from booth.model import random_weights
-from booth.train import dreambooth_loss, min_snr_weights
+from booth.train import dreambooth_loss, min_snr_weights, pyramid_noise
 
 DOG = Path(__file__).parent / "data" / "dog"
 FAST = ["--hw", "32", "32", "--class-img-count", "4", "--gb", "4", "--ddim-steps", "2", "--seed", "3"]
@@ -341,6 +341,7 @@ def test_non_images_are_skipped_with_a_warning(base, tmp_path, capsys):
         (["-l", "-0.5"], "--lamb must be a non-negative"),
         (["--hw", "30", "32"], "multiples of 8"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--pyramid-noise", "1.5"], "--pyramid-noise must be between 0 and 1"),
         (["--optimizer", "adamw8bit"], "pip install 'booth[8bit]'"),
         (["-d", "tpu"], "unknown device"),
         (["--sampler", "nope"], "unknown sampler"),
@@ -421,8 +422,9 @@ def test_options_run_and_cache_latents_matches_encoding(base, tmp_path):
     b = dreambooth(base, tmp_path / "b", *plain, "--cache-latents") / "run0"
     for x, y in zip(metrics(a), metrics(b)):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
-    c = dreambooth(base, tmp_path / "c", "--iterations", "2", "--noise-offset", "0.1", "--snr-gamma", "5",
-                   "--gradient-checkpointing", "--precision", "bf16", "--grad-accum", "2", "--lr-warmup", "4",
+    c = dreambooth(base, tmp_path / "c", "--iterations", "2", "--noise-offset", "0.1", "--pyramid-noise", "0.3",
+                   "--snr-gamma", "5", "--gradient-checkpointing", "--precision", "bf16", "--grad-accum", "2",
+                   "--lr-warmup", "4",
                    "--sample-every", "2", "--sample-prompt", "a sks dog in a bucket") / "run0"  # fmt: skip
     m = metrics(c)
     assert [r["lr"] for r in m] == pytest.approx([5e-6 * 1 / 4, 5e-6 * 2 / 4])
@@ -512,3 +514,23 @@ def test_class_images_are_topped_up_not_redone(base, tmp_path):
     dreambooth(base, tmp_path / "o2", "--iterations", "1", "--class-dir", str(cls))
     assert (cls / "0000.png").read_bytes() == made["0000.png"], "existing images are not redone"
     assert (cls / "0001.png").read_bytes() == made["0001.png"], "the missing one is made again, the same"
+
+
+def test_pyramid_noise_unit_variance_more_low_frequency_and_per_row():
+    def draw(seeds, discount):
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        white = torch.cat([torch.randn((1, 4, 8, 8), generator=g) for g in gens])
+        return white, pyramid_noise(white, gens, discount)
+
+    white, noise = draw(range(3000), 0.5)
+    assert abs(float(noise.var()) - 1) < 0.02
+    # The image mean of each channel: 1/8 std for white 8x8 noise; with the 4x4, 2x2 and 1x1 levels (discount d)
+    # its variance is (1/64 + d^2/16 + d^4/4 + d^6) / (1 + d^2 + d^4 + d^6).
+    d = 0.5
+    expected = ((1 / 64 + d**2 / 16 + d**4 / 4 + d**6) / (1 + d**2 + d**4 + d**6)) ** 0.5
+    assert float(white.mean(dim=(2, 3)).std()) == pytest.approx(1 / 8, rel=0.05)
+    assert float(noise.mean(dim=(2, 3)).std()) == pytest.approx(expected, rel=0.05)
+    # Each row depends only on its own generator (batch composition does not change a row).
+    _, alone = draw([7], 0.5)
+    _, batch = draw([3, 7, 11], 0.5)
+    assert torch.equal(alone[0], batch[1])
