@@ -534,3 +534,29 @@ def test_pyramid_noise_unit_variance_more_low_frequency_and_per_row():
     _, alone = draw([7], 0.5)
     _, batch = draw([3, 7, 11], 0.5)
     assert torch.equal(alone[0], batch[1])
+
+
+def test_fine_tuning_uses_the_base_models_training_noise(tmp_path, monkeypatch):
+    """A booth-trained file records the noise it was trained on; dreambooth uses it unless told otherwise."""
+    from dataclasses import replace
+
+    import booth.train
+
+    path = tmp_path / "pyramid.safetensors"
+    save_checkpoint(random_weights(TINY, seed=11).state_dict(), path, config=replace(TINY, pyramid_noise=0.3))
+    seen = []
+    real = booth.train.pyramid_noise
+    monkeypatch.setattr(booth.train, "pyramid_noise", lambda n, g, d: seen.append(d) or real(n, g, d))
+
+    def trained_with(*flags):
+        run = dreambooth(
+            path, tmp_path / f"o{len(list(tmp_path.iterdir()))}", "--iterations", "1", "-l", "0", *flags
+        )
+        ckpt = read_checkpoint(run / "run0" / "ckpts" / "step-000001.safetensors")
+        return json.loads(ckpt.metadata["booth.train"])["pyramid_noise"], ckpt.config.pyramid_noise
+
+    assert trained_with() == (0.3, 0.3) and seen == [0.3]
+    seen.clear()
+    assert (
+        trained_with("--pyramid-noise", "0") == (0.0, 0.3) and seen == []
+    )  # white noise; the file keeps its own
