@@ -76,9 +76,8 @@ class TrainConfig:
     optimizer: str = "adamw"
     cache_latents: bool = False
     noise_offset: float = 0.0
-    pyramid_noise: float | None = (
-        None  # multi-resolution noise discount (0: white); None: the base model's own
-    )
+    # multi-resolution noise discount (0: white noise); None: the noise the base model was trained with
+    pyramid_noise: float | None = None
     snr_gamma: float | None = None
     sample_every: int | None = None
     sample_prompt: str | None = None
@@ -766,8 +765,8 @@ def _tensorboard(run: Path):
 
 def _hyper(cfg: TrainConfig) -> dict:
     keys = ("learning_rate", "lamb", "iterations", "batch_size", "grad_accum", "lr_warmup", "seed", "class_img_count",
-            "train_text_encoder", "precision", "optimizer", "noise_offset", "pyramid_noise", "snr_gamma", "token", "class_name", "lora",
-            "lora_alpha", "lora_targets", "lora_text_encoder")  # fmt: skip
+            "train_text_encoder", "precision", "optimizer", "noise_offset", "pyramid_noise", "snr_gamma", "token",
+            "class_name", "lora", "lora_alpha", "lora_targets", "lora_text_encoder")  # fmt: skip
     return {k: getattr(cfg, k) for k in keys}
 
 
