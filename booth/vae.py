@@ -46,7 +46,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         y = self.norm(x)
-        q, k, v = (p(y).flatten(2).transpose(1, 2) for p in (self.q, self.k, self.v))  # (B, HW, C)
+        # (B, HW, C), made contiguous: a transposed view makes scaled_dot_product_attention fall back to its math
+        # kernel, which materialises the (HW x HW) scores: 9 bytes each, 2.4 GB for one 512x512 demo-model image
+        q, k, v = (p(y).flatten(2).transpose(1, 2).contiguous() for p in (self.q, self.k, self.v))
         y = attention(q, k, v, heads=1).transpose(1, 2).reshape(b, c, h, w)
         return x + self.proj_out(y)
 
