@@ -16,26 +16,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import run_worker
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
 
 
 def peak_rss_mb() -> float:
-    # Linux keeps ru_maxrss across fork+exec (a child would report its parent's peak); VmHWM starts afresh.
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 1024 if sys.platform != "darwin" else rss / 2**20
+    """The whole process's peak RSS (VmHWM: fresh in each worker), as booth's own metrics measure it."""
+    import torch
+
+    from booth.device import peak_memory_mb
+
+    return peak_memory_mb(torch.device("cpu"))
 
 
 def prepare(workdir: Path) -> tuple[Path, Path]:
@@ -139,11 +135,7 @@ def _diffusers(args, device, dtype):
 def spawn(which: str, model: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", which, "--model", str(model), "--device", args.device,
            "--dtype", args.dtype, "--size", str(args.size), "--steps", str(args.steps), "--batch", str(args.batch)]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        sys.exit(f"{which} worker failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_worker(cmd, which)
 
 
 def main() -> None:

@@ -20,10 +20,11 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import run_worker
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_inference import peak_rss_mb, prepare  # noqa: E402
@@ -41,20 +42,19 @@ def class_images(folder: Path, n: int = 2) -> Path:
 
 
 def worker_booth(args) -> dict:
-    from booth.train import TrainConfig, train
+    from booth.options import TrainConfig
+    from booth.train import train
 
-    run = Path(args.workdir) / f"train-run-{os.getpid()}"
-    run.mkdir(parents=True)
+    out = Path(args.workdir) / f"train-runs-{os.getpid()}"
     cfg = TrainConfig(class_name="dog", instance_dir=args.instance_dir, model=args.model, class_dir=args.class_dir,
                       class_img_count=2, hw=(args.size, args.size), iterations=args.steps, precision=args.precision,
                       gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
-                      devices=[args.device], lora=args.lora or None,
-                      learning_rate=1e-4 if args.lora else 5e-6)  # fmt: skip
+                      devices=[args.device], lora=args.lora or None)  # fmt: skip
     try:
-        train(cfg, run)
+        run = train(cfg, out).parents[1]  # OUT/run0/ckpts/step-N.safetensors
         m = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     finally:  # a full fine-tuning run leaves a 2 GB checkpoint and a 10 GB state: only the metrics are needed
-        shutil.rmtree(run, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
     peak = m[-1]["peak_memory_mb"]
     return {"s_per_step": sum(r["seconds"] for r in m[1:]) / (len(m) - 1),
             ("peak_cuda_mb" if args.device.startswith("cuda") else "peak_rss_mb"): peak}  # fmt: skip
@@ -155,10 +155,7 @@ def spawn(which: str, model: Path, args) -> dict:
     cmd += ["--precision", args.precision] if args.precision else []
     cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
     cmd += ["--lora", str(args.lora)] if args.lora else []
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if out.returncode != 0:
-        sys.exit(f"{which} worker failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_worker(cmd, which)
 
 
 def main() -> None:

@@ -11,16 +11,11 @@ Everything comes out as a state dict in the `LatentDiffusion` layout plus the `M
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import math
 import os
 import pickle
-import pickletools
 import re
-import struct
 import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,10 +24,18 @@ import torch
 from .atomic import atomic_path
 from .config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
 from .errors import BoothError
+from .formats import (
+    PICKLE_SUFFIXES,
+    WEIGHTS_PREFERENCE,
+    looks_like_lora,
+    not_a_model,
+    pickle_contents,
+    safetensors_header,
+)
+from .model import build
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 CONFIG_KEY = "booth.config"  # safetensors metadata entry holding a booth-written file's ModelConfig
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 # Keys of CompVis checkpoints that are not weights of the three networks.
 _SCHEDULE_BUFFERS = {
@@ -85,58 +88,10 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     return tensors, header.get("__metadata__") or {}
 
 
-def safetensors_header(path: Path) -> tuple[dict, int]:
-    """The parsed JSON header and where the data starts; BoothError unless it is a complete safetensors file."""
-    size = path.stat().st_size
-    bad = f"{path} is not a valid safetensors file"
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise BoothError(f"{bad} (only {size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100 << 20):
-            raise BoothError(f"{bad} (header length {n} does not fit in a {size}-byte file)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BoothError(f"{bad} (unreadable header: {e})") from None
-    if not isinstance(header, dict):
-        raise BoothError(f"{bad} (header is not a JSON object)")
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if not _valid_entry(info):
-            raise BoothError(f"{bad} (bad entry for {name!r})")
-        end = max(end, info["data_offsets"][1])
-    if 8 + n + end > size:
-        raise BoothError(f"{path} is truncated: its header needs {8 + n + end} bytes, the file has {size}")
-    return header, 8 + n
-
-
-def _valid_entry(info: object) -> bool:
-    """dtype known, shape and offsets non-negative integers, and the byte range exactly the tensor's size."""
-    try:
-        dtype, shape, (begin, end) = _SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
-        ints = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end))
-        return ints and end - begin == math.prod(shape) * dtype.itemsize
-    except (KeyError, TypeError, ValueError):
-        return False
-
-
 def read_pickle(path: Path) -> dict[str, torch.Tensor]:
     """A `.ckpt`/`.pt`/`.bin` pickle, loaded with weights_only=True so no code in it can run."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns about pickle protocols it then handles fine
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(
-                    e
-                ):  # legacy (pre-zip) pickles cannot be memory-mapped; read them plainly
-                    raise
-                obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _torch_load(path)
     except pickle.UnpicklingError as e:
         # torch names the global it refused; for pickles it stops reading earlier, we look for one ourselves.
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
@@ -150,13 +105,28 @@ def read_pickle(path: Path) -> dict[str, torch.Tensor]:
         raise BoothError(
             f"{path} is not a readable checkpoint ({reason or 'not a weights-only pickle'})"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except PermissionError:
+        raise BoothError(f"cannot read {path}: permission denied") from None
+    except Exception as e:  # a damaged or crafted file can fail anywhere in torch.load's parser
         raise BoothError(f"{path} is not a readable checkpoint ({_first_line(e)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
         raise BoothError(f"{path} does not hold a state dict of tensors")
     return obj
+
+
+def _torch_load(path: Path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about pickle protocols it then handles fine
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # legacy (pre-zip) pickles cannot be memory-mapped; read them plainly
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
 
 
 _SAFE_GLOBALS = re.compile(
@@ -166,35 +136,8 @@ _SAFE_GLOBALS = re.compile(
 
 
 def _code_globals(path: Path) -> list[str]:
-    """Names of functions/classes a pickle would import, read with pickletools (which executes nothing)."""
-    names, strings = [], []
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z:
-                data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
-        else:
-            data = path.read_bytes()[: 64 << 20]
-        for op, arg, _ in pickletools.genops(io.BytesIO(data)):
-            if op.name == "GLOBAL":
-                names.append(str(arg).replace(" ", "."))
-            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                names.append(f"{strings[-2]}.{strings[-1]}")
-            elif isinstance(arg, str):
-                strings.append(arg)
-    except Exception:  # damaged data: whatever was found so far is all we can say
-        pass
-    return [n for n in dict.fromkeys(names) if not _SAFE_GLOBALS.fullmatch(n)]
-
-
-# Key endings of LoRA-style files (kohya, diffusers, peft, LyCORIS): never found in a full model.
-_LORA_KEY = re.compile(
-    r"(lora_down|lora_up|lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down)\.weight$|\.(hada_w1_a|lokr_w1)$"
-)
-
-
-def looks_like_lora(keys) -> bool:
-    """Whether the tensor names (of a state dict or safetensors header) are those of a LoRA, not of a model."""
-    return any(_LORA_KEY.search(k) for k in keys if k != "__metadata__")
+    """Names of functions/classes a pickle would import, other than torch's tensor rebuilding."""
+    return [n for n in pickle_contents(path)[0] if not _SAFE_GLOBALS.fullmatch(n)]
 
 
 def _first_line(e: BaseException) -> str:
@@ -404,8 +347,6 @@ def _rename(rest: str, renames: dict[str, str]) -> str:
 
 def read_diffusers(folder: Path) -> Checkpoint:
     """A diffusers-format folder as a Checkpoint in the CompVis layout."""
-    from .model import build
-
     cfg = diffusers_config(folder)
     parts = {name: _read_component(folder / name) for name in ("unet", "vae", "text_encoder")}
     for old, new in _OLD_VAE_ATTN.items():
@@ -428,14 +369,14 @@ def read_diffusers(folder: Path) -> Checkpoint:
 
 
 def _read_component(folder: Path) -> dict[str, torch.Tensor]:
-    stems = ("diffusion_pytorch_model", "model")
-    for suffix in (".safetensors", ".fp16.safetensors", ".bin", ".fp16.bin"):
-        for stem in stems:
-            f = folder / (stem + suffix)
-            if f.is_file():
-                return read_safetensors(f)[0] if suffix.endswith(".safetensors") else read_pickle(f)
+    """The first weights file of a diffusers component folder in booth.formats.WEIGHTS_PREFERENCE, the order the
+    Hub download fetches by."""
+    for name in WEIGHTS_PREFERENCE:
+        f = folder / name
+        if f.is_file():
+            return read_safetensors(f)[0] if f.suffix == ".safetensors" else read_pickle(f)
     raise BoothError(
-        f"no weights found in {folder} (expected diffusion_pytorch_model.safetensors or model.safetensors)"
+        f"no weights found in {folder} (expected one of {', '.join(WEIGHTS_PREFERENCE[:2])}, ...)"
     )
 
 
@@ -496,8 +437,6 @@ def diffusers_config(folder: Path) -> ModelConfig:
 def read_checkpoint(path: str | os.PathLike, ema: bool = False) -> Checkpoint:
     """Any supported local file or folder -> Checkpoint (weights in the file's dtype, CompVis layout)."""
     path = Path(path)
-    if not path.exists():
-        raise BoothError(f"checkpoint not found: {path}")
     if path.is_dir():
         if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
             raise BoothError(f"{path} is a folder but not a diffusers model (no model_index.json)")
@@ -506,34 +445,67 @@ def read_checkpoint(path: str | os.PathLike, ema: bool = False) -> Checkpoint:
                 "--ema applies to single-file checkpoints; diffusers folders hold one set of weights"
             )
         return read_diffusers(path)
+    raw, meta = _read_file(path)
+    if looks_like_lora(raw):
+        raise not_a_model(path, "lora")
+    sd = to_layout(raw, ema=ema, source=str(path))
+    cfg = stored_config(meta, path) if CONFIG_KEY in meta else infer_config(sd, str(path))
+    return Checkpoint(path, cfg, sd, meta)
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    """A model's ModelConfig from its file's header alone: no weights are read (a pickle is memory-mapped)."""
+    path = Path(path)
+    if path.is_dir():
+        return diffusers_config(path)
+    if path.suffix != ".safetensors":
+        raw, _ = _read_file(path)
+        return infer_config(to_layout(raw, source=str(path)), str(path))
     try:
-        if path.suffix == ".safetensors":
-            raw, meta = read_safetensors(path)
-        elif path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
-            raw, meta = read_pickle(path), {}
-        else:
-            raise BoothError(
-                f"unknown checkpoint format {path.suffix!r} ({path}); use .safetensors, .ckpt or a diffusers folder"
-            )
+        header, _ = safetensors_header(path)
     except PermissionError:
         raise BoothError(f"cannot read {path}: permission denied") from None
-    if looks_like_lora(raw):
-        raise BoothError(
-            f"{path} is a LoRA (adapter weights), not a full model: give a base model here and the LoRA with "
-            f"--lora {path}"
-        )
-    sd = to_layout(raw, ema=ema, source=str(path))
+    meta = header.get("__metadata__") or {}
     if CONFIG_KEY in meta:
-        try:
-            cfg = ModelConfig.from_json(meta[CONFIG_KEY])
-        except (ValueError, TypeError, AttributeError) as e:  # bad JSON, or fields this booth does not know
-            raise BoothError(
-                f"cannot read the model config stored in {path} ({str(e).splitlines()[0]}); "
-                "it may come from a newer booth: upgrade booth"
-            ) from None
-    else:
-        cfg = infer_config(sd, str(path))
-    return Checkpoint(path, cfg, sd, meta)
+        return stored_config(meta, path)
+    shapes = {k: torch.empty(v["shape"], device="meta") for k, v in header.items() if k != "__metadata__"}
+    return infer_config(to_layout(shapes, source=str(path)), str(path))
+
+
+def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not path.exists():
+        raise BoothError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            return read_safetensors(path)
+        if path.suffix in PICKLE_SUFFIXES:
+            return read_pickle(path), {}
+    except PermissionError:
+        raise BoothError(f"cannot read {path}: permission denied") from None
+    raise BoothError(
+        f"unknown checkpoint format {path.suffix!r} ({path}); use .safetensors, .ckpt or a diffusers folder"
+    )
+
+
+def stored_config(meta: dict[str, str], path: Path) -> ModelConfig:
+    """The ModelConfig booth wrote into a file's header, checked before anything is built from it."""
+    try:
+        cfg = ModelConfig.from_json(meta[CONFIG_KEY])
+    except (
+        ValueError,
+        TypeError,
+        AttributeError,
+        RecursionError,
+    ) as e:  # bad JSON, or fields this booth lacks
+        raise BoothError(
+            f"cannot read the model config stored in {path} ({(str(e).splitlines() or [type(e).__name__])[0]}); "
+            "it may come from a newer booth: upgrade booth"
+        ) from None
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise BoothError(f"the model config stored in {path} is impossible: {e}") from None
+    return cfg
 
 
 def load_model(
@@ -543,8 +515,6 @@ def load_model(
     the checkpoint's tensors (assign=True): no random init. `ckpt.state_dict` is consumed: each tensor is moved
     to the device and dtype and its file copy released at once, so a model is never held twice in memory.
     With `into` (a model of the same config), the weights are copied into its existing tensors instead."""
-    from .model import build
-
     model = into if into is not None else build(ckpt.config)
     expected = model.state_dict()
     missing = [k for k in expected if k not in ckpt.state_dict]
@@ -571,18 +541,73 @@ def load_model(
 
 def save_checkpoint(sd: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None,
                     config: ModelConfig | None = None, dtype: torch.dtype | None = None) -> None:  # fmt: skip
-    """Write a single-file `.safetensors` checkpoint atomically; `config` goes into the header metadata."""
-    from safetensors.torch import save_file
-
+    """Write a single-file `.safetensors` checkpoint atomically; `config` goes into the header metadata. Refuses
+    (NonFiniteWeights) to write a tensor with an inf or NaN, as fp16 gives for weights beyond 65504."""
     meta = dict(metadata or {})
     if config is not None:
         meta[CONFIG_KEY] = config.to_json()
-    tensors = {
-        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
-        for k, v in sd.items()
-    }
+    tensors = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in sd.items()}
+    for k, v in tensors.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise NonFiniteWeights(k, v.dtype)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+        write_safetensors(tensors, tmp, meta)
+
+
+class NonFiniteWeights(BoothError):
+    def __init__(self, key: str, dtype: torch.dtype):
+        self.key = key
+        super().__init__(
+            f"{key} holds inf or NaN values in {str(dtype).replace('torch.', '')}; nothing was written"
+        )
+
+
+# safetensors' Dtype enum, in its declaration order: its writer lays tensors out by this rank (highest first), then
+# by name, which keeps every tensor aligned to its item size.
+_DTYPE_RANK = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64",
+               "I64", "U64")  # fmt: skip
+_DTYPE_NAMES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]
+) -> None:
+    """A safetensors file with the bytes safetensors' own writer gives, except that the metadata keys are sorted.
+    Its writer keeps the metadata in a Rust HashMap, whose order changes from process to process, so identical
+    runs would write different files, and a checkpoint's SHA-256 (AUTOMATIC1111's model hash) would change."""
+    order = _data_order(tensors)
+    header, offset = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}, 0
+    for k in order:
+        t = tensors[k]
+        size = t.numel() * t.element_size()
+        header[k] = {
+            "dtype": _DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for k in order:
+            f.write(_bytes(tensors[k]))
+
+
+def data_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the data section `write_safetensors` writes for `tensors` (kohya's `sshs_model_hash`)."""
+    h = hashlib.sha256()
+    for k in _data_order(tensors):
+        h.update(_bytes(tensors[k]))
+    return h.hexdigest()
+
+
+def _data_order(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return sorted(tensors, key=lambda k: (-_DTYPE_RANK.index(_DTYPE_NAMES[tensors[k].dtype]), k))
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data
 
 
 def file_hash(path: str | os.PathLike) -> str:
@@ -596,8 +621,10 @@ def file_hash(path: str | os.PathLike) -> str:
     key = f"{real}|{st.st_size}|{st.st_mtime_ns}"
     try:
         cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         cache = {}
+    if not isinstance(cache, dict) or not all(isinstance(v, str) for v in cache.values()):
+        cache = {}  # damaged or written by something else: start over
     if key not in cache:
         h = hashlib.sha256()
         with open(real, "rb") as f:

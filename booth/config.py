@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 
@@ -31,6 +32,24 @@ class UNetConfig:
             self, "attention_resolutions", tuple(sorted(set(self.attention_resolutions), reverse=True))
         )
 
+    def validate(self) -> None:
+        _positive(self, "in_channels", "out_channels", "model_channels", "num_res_blocks", "num_heads",
+                  "transformer_depth", "context_dim", "norm_groups")  # fmt: skip
+        _positive_ints("unet.channel_mult", self.channel_mult)
+        _positive_ints("unet.attention_resolutions", self.attention_resolutions, allow_empty=True)
+        last = len(self.channel_mult) - 1
+        for width in (self.model_channels * m for m in (1, *self.channel_mult)):
+            if width % self.norm_groups:
+                raise ValueError(
+                    f"the UNet's {width} channels are not a multiple of {self.norm_groups} groups"
+                )
+        for level, mult in enumerate(self.channel_mult):  # the middle block attends at the last level
+            width = self.model_channels * mult
+            if (2**level in self.attention_resolutions or level == last) and width % self.num_heads:
+                raise ValueError(
+                    f"{self.num_heads} heads do not divide the {width} channels of UNet level {level}"
+                )
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -47,6 +66,17 @@ class VAEConfig:
     def downscale(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
 
+    def validate(self) -> None:
+        _positive(
+            self, "in_channels", "out_ch", "ch", "num_res_blocks", "z_channels", "embed_dim", "norm_groups"
+        )
+        _positive_ints("vae.ch_mult", self.ch_mult)
+        for width in (self.ch * m for m in self.ch_mult):
+            if width % self.norm_groups:
+                raise ValueError(
+                    f"the VAE's {width} channels are not a multiple of {self.norm_groups} groups"
+                )
+
 
 @dataclass(frozen=True)
 class CLIPConfig:
@@ -57,6 +87,15 @@ class CLIPConfig:
     intermediate: int = 3072
     max_positions: int = 77
     act: str = "quick_gelu"
+
+    def validate(self) -> None:
+        _positive(self, "vocab_size", "width", "layers", "heads", "intermediate", "max_positions")
+        if self.width % self.heads:
+            raise ValueError(f"{self.heads} text encoder heads do not divide its width {self.width}")
+        if self.vocab_size < 49408 or self.max_positions < 77:  # CLIP's token ids and its 77-token windows
+            raise ValueError("the text encoder needs a vocabulary of at least 49408 and 77 positions")
+        if self.act not in ("quick_gelu", "gelu"):
+            raise ValueError(f"unknown text encoder activation {self.act!r}")
 
 
 @dataclass(frozen=True)
@@ -73,19 +112,59 @@ class ModelConfig:
     pyramid_noise: float = 0.0
     sample_size: int = 512  # the image side the model was trained at: the default --hw
 
+    def validate(self) -> None:
+        """ValueError for a config no model can be built from (a damaged or hand-edited file's header)."""
+        self.unet.validate()
+        self.vae.validate()
+        self.clip.validate()
+        if self.unet.context_dim != self.clip.width:
+            raise ValueError(
+                f"the UNet attends to {self.unet.context_dim}-wide text, the encoder is {self.clip.width}"
+            )
+        _positive(self, "num_train_timesteps", "sample_size")
+        if self.sample_size % 8 or self.num_train_timesteps < 2:
+            raise ValueError("sample_size must be a multiple of 8 and num_train_timesteps at least 2")
+        for name in ("scale_factor", "beta_start", "beta_end", "pyramid_noise"):
+            if not isinstance(getattr(self, name), (int, float)) or not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number")
+        if not (
+            0 < self.beta_start < self.beta_end < 1 and self.scale_factor > 0 and 0 <= self.pyramid_noise <= 1
+        ):
+            raise ValueError(
+                "need 0 < beta_start < beta_end < 1, scale_factor > 0 and pyramid_noise in [0, 1]"
+            )
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ModelConfig:
         d = json.loads(text)
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
         parts = {"unet": UNetConfig, "vae": VAEConfig, "clip": CLIPConfig}
         kwargs = {}
         for name, value in d.items():
             if name in parts:
+                if not isinstance(value, dict):
+                    raise ValueError(f"{name} is not a JSON object")
                 value = parts[name](**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
             kwargs[name] = value
         return cls(**kwargs)
+
+
+def _positive(cfg, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if type(value) is not int or value < 1:
+            raise ValueError(f"{name} must be a positive whole number (got {value!r})")
+
+
+def _positive_ints(name: str, values, allow_empty: bool = False) -> None:
+    if not isinstance(values, tuple) or (not values and not allow_empty):
+        raise ValueError(f"{name} must be a list of positive whole numbers (got {values!r})")
+    if any(type(v) is not int or v < 1 for v in values):
+        raise ValueError(f"{name} must hold positive whole numbers (got {values!r})")
 
 
 SD1 = ModelConfig()
@@ -99,5 +178,3 @@ TINY = ModelConfig(
     vae=VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
     clip=CLIPConfig(width=128, layers=2, heads=2, intermediate=512),
 )
-
-PRESETS = {"sd1": SD1, "tiny": TINY}

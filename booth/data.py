@@ -18,17 +18,10 @@ from PIL import Image
 from .errors import BoothError
 from .images import load_image
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
-
-def find_images(folder: str | Path, what: str = "instance", warn: bool = True) -> list[Path]:
-    """Readable images of `folder`, sorted; unreadable files are named in a warning and skipped."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise BoothError(f"{what} image folder not found: {folder}")
+def readable_images(folder: Path) -> tuple[list[Path], list[str]]:
+    """(the images of `folder` Pillow can read, sorted; the names of the other files). Hidden files are left out."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise BoothError(f"{what} image folder {folder} is empty; put the photos of your subject there")
     good, skipped = [], []
     for p in files:
         try:
@@ -36,9 +29,23 @@ def find_images(folder: str | Path, what: str = "instance", warn: bool = True) -
             good.append(p)
         except BoothError:
             skipped.append(p.name)
+    return good, skipped
+
+
+def find_images(folder: str | Path, what: str = "instance", warn: bool = True) -> list[Path]:
+    """Readable images of `folder`, sorted; unreadable files are named in a warning and skipped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BoothError(f"{what} image folder not found: {folder}")
+    good, skipped = readable_images(folder)
     if skipped and warn:
         print(f"booth: warning: skipping {len(skipped)} file(s) in {folder} that are not images: "
               f"{', '.join(skipped[:10])}", file=sys.stderr)  # fmt: skip
+    if not good and not skipped:
+        photos = (
+            "the photos of your subject" if what == "instance" else "class images, or leave out --class-dir"
+        )
+        raise BoothError(f"{what} image folder {folder} is empty; put {photos} there")
     if not good:
         raise BoothError(f"no readable images in {folder} (skipped {len(skipped)} files that are not images)")
     return good

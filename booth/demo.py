@@ -12,23 +12,27 @@ Training has two stages, both run by `booth.train.fit` (the DreamBooth loop):
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from .atomic import clean_stale, locked
 from .checkpoint import read_checkpoint, save_checkpoint
 from .config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
 from .data import Cycler, prepare
+from .device import autocast, training_dtypes
 from .images import save_png
 from .model import build
-from .pipeline import Settings, StableDiffusion
+from .options import DemoRecipe, Settings
+from .pipeline import StableDiffusion
+from .sampling import randn
 from .shapes import COLORS, SHAPES, draw, partial_caption, random_sample
 from .tokenizer import get_tokenizer
-from .train import Dist, TrainConfig, autocast, diffusion_loss, dtypes, fit
+from .train import Dist, diffusion_loss, fit
 
-DEMO_FILE = Path(__file__).parent / "data" / "demo.safetensors"
 SIZE = 64
+MEMORY_HINT = "while training the demo model: it needs about 1 GB; close other programs, or use -d cuda"
 
 DEMO = ModelConfig(
     unet=UNetConfig(
@@ -44,29 +48,6 @@ DEMO = ModelConfig(
     clip=CLIPConfig(width=64, layers=3, heads=2, intermediate=256),
     sample_size=SIZE,
 )
-
-
-@dataclass
-class DemoRecipe:
-    """What `booth train-demo` runs; defaults reproduce the shipped weights."""
-
-    seed: int = 0
-    vae_steps: int = 800
-    vae_lr: float = 1e-3
-    vae_batch: int = 16
-    kl_weight: float = 1e-5
-    scenes: int = 20000  # the fixed captioned set stage 2 learns from (latents encoded once)
-    unet_steps: int = 4500
-    unet_lr: float = 1e-3
-    unet_batch: int = 32
-    snr_gamma: float = 5.0
-    warmup: int = 100
-    # The std latents are scaled to (SD: about 1). Below 1 the same schedule hides more of each flat shape at each
-    # step; 0.57 helped img2img but made PLMS diverge at CFG 7.5, so the multi-resolution noise below does that job.
-    latent_std: float = 1.0
-    # White noise hides the colour of a large flat shape slowly, so img2img at strength 0.6 could read the old
-    # colour of a recoloured shape and carve holes in it (7 of 16 clean circles with white noise only, 13 with 0.35).
-    pyramid_noise: float = 0.35  # see train.pyramid_noise
 
 
 class ShapeStream:
@@ -92,7 +73,7 @@ class AutoencoderTask:
 
     def __init__(self, recipe: DemoRecipe, dist: Dist):
         self.recipe, self.device = recipe, dist.device
-        self.amp_dtype = None
+        self.amp_dtype, self.memory_hint = None, MEMORY_HINT
         torch.manual_seed(recipe.seed)
         self.model = build(DEMO, device=dist.device)
         self.vae = self.model.vae.float().train()
@@ -104,7 +85,7 @@ class AutoencoderTask:
         x, _, gens = self.data.next()
         x = x.to(self.device)
         mean, logvar = self.vae.encode(x)
-        noise = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g) for g in gens]).to(self.device)
+        noise = randn(mean.shape, gens, self.device)
         z = mean + torch.exp(0.5 * logvar) * noise
         rec = (self.vae.decode(z) - x).abs().mean()
         kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
@@ -131,10 +112,10 @@ class TextToImageTask:
     """Stage 2 for `fit`: UNet and text encoder from scratch on captioned scenes, the VAE of stage 1 frozen.
     The scenes are a fixed set whose latents are encoded once; captions are re-drawn each time a scene is used."""
 
-    def __init__(self, recipe: DemoRecipe, vae_file: Path, dist: Dist, cfg: TrainConfig):
-        self.recipe, self.cfg, self.device = recipe, cfg, dist.device
-        self.amp_dtype, _ = dtypes(cfg.precision, dist.device)
-        self.amp = autocast(dist.device, self.amp_dtype)
+    def __init__(self, recipe: DemoRecipe, vae_file: Path, dist: Dist):
+        self.recipe, self.noise, self.device = recipe, recipe.noise(), dist.device
+        self.amp_dtype, _ = training_dtypes("fp32", dist.device)
+        self.amp, self.memory_hint = autocast(dist.device, self.amp_dtype), MEMORY_HINT
         torch.manual_seed(recipe.seed + 1)
         model = build(DEMO, device=dist.device)
         model.load_state_dict(read_checkpoint(vae_file).state_dict, strict=False)
@@ -170,13 +151,13 @@ class TextToImageTask:
         gens = [torch.Generator().manual_seed(s) for s in seeds]
         captions = [partial_caption(self.scenes[i], random.Random(s)) for i, s in zip(idx, seeds)]
         mean, std = self.moments[idx, 0], self.moments[idx, 1]
-        noise = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g) for g in gens])
+        noise = randn(mean.shape, gens)
         x0 = ((mean + std * noise) * self.model.config.scale_factor).to(self.device)
         ids = self.tokenizer(captions).to(self.device)
         with self.amp:
             context = self.model.text_encoder(ids)
         loss, _, _ = diffusion_loss(
-            self.cfg, x0, gens, context, len(x0), self.model.unet, self.alphas_cumprod, self.amp
+            self.noise, x0, gens, context, len(x0), self.model.unet, self.alphas_cumprod, self.amp
         )
         return {"loss": loss}
 
@@ -217,27 +198,22 @@ def _with_config(model, cfg: ModelConfig):
     return model
 
 
-def stage_config(recipe: DemoRecipe, stage: str) -> TrainConfig:
-    """The loop settings of a stage, in the TrainConfig `fit` reads."""
-    if stage == "vae":
-        return TrainConfig(iterations=recipe.vae_steps, learning_rate=recipe.vae_lr, lr_warmup=recipe.warmup,
-                           seed=recipe.seed, save_every=500, precision="fp32", lamb=0.0, lr_schedule="cosine")  # fmt: skip
-    return TrainConfig(iterations=recipe.unet_steps, learning_rate=recipe.unet_lr, lr_warmup=recipe.warmup,
-                       seed=recipe.seed, save_every=500, sample_every=500, precision="fp32", lamb=0.0,
-                       snr_gamma=recipe.snr_gamma, lr_schedule="cosine", pyramid_noise=recipe.pyramid_noise)  # fmt: skip
-
-
 def train_demo(recipe: DemoRecipe, run: Path, dist: Dist, resume: bool = False) -> Path:
     """Both stages in `run/vae` and `run/unet`; resumes whichever stage is unfinished. Returns the model file."""
+    recipe.validate()
     vae_run, unet_run = run / "vae", run / "unet"
     for folder in (vae_run, unet_run):
         folder.mkdir(parents=True, exist_ok=True)
-    vae_file = vae_run / "ckpts" / f"vae-{recipe.vae_steps:06d}.safetensors"
-    if not vae_file.exists():
-        fit(AutoencoderTask(recipe, dist), stage_config(recipe, "vae"), vae_run, dist,
-            resume=resume and any((vae_run / "state").glob("*.pt")), name="train-demo (vae)",
-            resume_command=f"booth train-demo -r {run}")  # fmt: skip
-    cfg = stage_config(recipe, "unet")
-    return fit(TextToImageTask(recipe, vae_file, dist, cfg), cfg, unet_run, dist,
-               resume=resume and any((unet_run / "state").glob("*.pt")), name="train-demo (unet)",
-               resume_command=f"booth train-demo -r {run}")  # fmt: skip
+    with locked(run, "training the demo model"):
+        clean_stale(run, recursive=True)
+        vae_file = vae_run / "ckpts" / f"vae-{recipe.vae_steps:06d}.safetensors"
+        command = f"booth train-demo -r {run}"
+        if not vae_file.exists():
+            fit(AutoencoderTask(recipe, dist), recipe.vae_loop(), vae_run, dist, _has_state(vae_run, resume),
+                name="train-demo (vae)", resume_command=command)  # fmt: skip
+        return fit(TextToImageTask(recipe, vae_file, dist), recipe.unet_loop(), unet_run, dist,
+                   _has_state(unet_run, resume), name="train-demo (unet)", resume_command=command)  # fmt: skip
+
+
+def _has_state(stage: Path, resume: bool) -> bool:
+    return resume and any((stage / "state").glob("*.pt"))

@@ -17,38 +17,28 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from urllib.parse import unquote, urlparse
 
-from booth.errors import BoothError
+from .errors import BoothError
+from .formats import (
+    CHECKPOINT_SUFFIXES,
+    COMPONENTS,
+    DEMO_FILE,
+    OPTIONAL_FOLDERS,
+    WEIGHTS_PREFERENCE,
+    Found,
+    identify,
+    not_a_model,
+)
 
 ALIASES: dict[str, tuple[str, str | None]] = {
     "sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors"),
     "sd14": ("CompVis/stable-diffusion-v-1-4-original", "sd-v1-4.ckpt"),
 }
 DEFAULT_MODEL = "sd15"
-# booth's own small model, trained by booth on synthetic shapes and shipped in the package (see booth.demo).
-DEMO_FILE = pathlib.Path(__file__).parent / "data" / "demo.safetensors"
-
-CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".bin")
-# The diffusers sub-models booth loads; anything else in a pipeline repo (safety_checker, ...) is skipped.
-COMPONENTS = ("unet", "vae", "text_encoder")
-# Small folders fetched whole when present; booth ships its own CLIP vocabulary, so they are optional.
-OPTIONAL_FOLDERS = ("tokenizer", "scheduler")
-# One weights file per component, best first: safetensors never run code on load, full precision before
-# the fp16 variant, pickles last.
-WEIGHTS_PREFERENCE = (
-    "diffusion_pytorch_model.safetensors",
-    "model.safetensors",
-    "diffusion_pytorch_model.fp16.safetensors",
-    "model.fp16.safetensors",
-    "diffusion_pytorch_model.bin",
-    "pytorch_model.bin",
-    "diffusion_pytorch_model.fp16.bin",
-    "pytorch_model.fp16.bin",
-)
 
 _SEGMENT = r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?"  # one half of a Hub repo id
 _REPO_RE = re.compile(rf"{_SEGMENT}/{_SEGMENT}")
 _REPO_FILE_RE = re.compile(
-    rf"(?P<repo>{_SEGMENT}/{_SEGMENT})/(?P<path>[^\\]+(?:{'|'.join(map(re.escape, CHECKPOINT_EXTENSIONS))}))",
+    rf"(?P<repo>{_SEGMENT}/{_SEGMENT})/(?P<path>[^\\]+(?:{'|'.join(map(re.escape, CHECKPOINT_SUFFIXES))}))",
     re.IGNORECASE,
 )
 _HUB_HOSTS = {"huggingface.co", "www.huggingface.co", "hf.co"}
@@ -67,12 +57,27 @@ class HubTarget:
         return f"{self.repo}, {what}" + (f" @ {self.revision}" if self.revision else "")
 
 
-def resolve(spec: str) -> pathlib.Path:
-    """Return a local path for `spec`, downloading it into the Hugging Face cache if needed."""
+def resolve(spec: str, flag: str = "-c") -> pathlib.Path:
+    """Return a local path for `spec`, downloading it into the Hugging Face cache if needed. `flag` is the option
+    the spec came from, for the offline hint."""
     target = parse(spec)
     if isinstance(target, pathlib.Path):
         return target
-    return _fetch(target, spec, command=shlex.quote(spec))
+    return _fetch(target, spec, shlex.quote(spec), flag)
+
+
+def find(spec: str, flag: str = "-c") -> Found:
+    """What `spec` names, fetched if it is on the Hub: a checkpoint, a diffusers folder, a LoRA or a folder of
+    checkpoints (booth.formats.Found). The one place a model spec is turned into something to load."""
+    return identify(resolve(spec, flag))
+
+
+def find_model(spec: str, flag: str = "-c") -> Found:
+    """`find`, for where one model (a checkpoint or a diffusers folder) is needed."""
+    found = find(spec, flag)
+    if found.kind not in ("checkpoint", "diffusers"):
+        raise not_a_model(found.path, found.kind)
+    return found
 
 
 def download(spec: str = DEFAULT_MODEL, filename: str | None = None) -> pathlib.Path:
@@ -84,16 +89,16 @@ def download(spec: str = DEFAULT_MODEL, filename: str | None = None) -> pathlib.
         raise BoothError(
             f"with a FILE argument, the model must be an alias or a Hub repo OWNER/NAME, not {spec!r}"
         )
+    _check_repo_path(filename)
     command = f"{shlex.quote(spec)} {shlex.quote(filename)}"
-    return _fetch(HubTarget(repo, filename), spec, command)
+    return _fetch(HubTarget(repo, filename), spec, command, "-c")
 
 
-def describe(spec: str) -> str:
-    """One line saying what `spec` refers to, without touching the network."""
-    target = parse(spec)
-    if isinstance(target, pathlib.Path):
-        return f"local {'folder' if target.is_dir() else 'file'} {target}"
-    return f"Hugging Face Hub: {target}"
+def _check_repo_path(path: str) -> None:
+    """A file inside a repo: relative, with no `..` (huggingface_hub refuses those with an exception of its own)."""
+    parts = path.replace("\\", "/").split("/")
+    if not path or path.startswith("/") or ".." in parts or "" in parts:
+        raise BoothError(f"{path!r} is not a file name inside a Hub repo (no '..', no leading or double '/')")
 
 
 def parse(spec: str) -> pathlib.Path | HubTarget:
@@ -112,7 +117,8 @@ def parse(spec: str) -> pathlib.Path | HubTarget:
         return HubTarget(repo, filename)
     if spec.startswith(("http://", "https://")):
         return _parse_url(spec)
-    if (match := _REPO_FILE_RE.fullmatch(spec)) and ".." not in match["path"].split("/"):
+    if match := _REPO_FILE_RE.fullmatch(spec):
+        _check_repo_path(match["path"])
         return HubTarget(match["repo"], match["path"])
     if _REPO_RE.fullmatch(spec) and not _has_checkpoint_extension(spec):
         return HubTarget(spec)
@@ -142,7 +148,7 @@ def diffusers_files(names: Iterable[str]) -> tuple[list[str], list[str]]:
 
 
 def _has_checkpoint_extension(spec: str) -> bool:
-    return spec.lower().endswith((*CHECKPOINT_EXTENSIONS, ".pth"))
+    return spec.lower().endswith(CHECKPOINT_SUFFIXES)
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -163,7 +169,11 @@ def _parse_url(url: str) -> HubTarget:
         raise BoothError(
             f"unsupported URL {url}: expected https://huggingface.co/OWNER/NAME/resolve/REVISION/FILE"
         )
-    return HubTarget(f"{parts[0]}/{parts[1]}", "/".join(parts[4:]), parts[3])
+    filename = "/".join(parts[4:])
+    _check_repo_path(filename)
+    if parts[3] in ("", ".", ".."):
+        raise BoothError(f"unsupported URL {url}: {parts[3]!r} is not a revision")
+    return HubTarget(f"{parts[0]}/{parts[1]}", filename, parts[3])
 
 
 def _hub_hosts() -> set[str]:
@@ -172,8 +182,8 @@ def _hub_hosts() -> set[str]:
     return _HUB_HOSTS | ({endpoint} if endpoint else set())
 
 
-def _fetch(target: HubTarget, spec: str, command: str) -> pathlib.Path:
-    with _hub_errors(target, spec, command):
+def _fetch(target: HubTarget, spec: str, command: str, flag: str) -> pathlib.Path:
+    with _hub_errors(target, spec, command, flag):
         if target.filename is None:
             return _fetch_diffusers(target.repo)
         from huggingface_hub import hf_hub_download
@@ -232,47 +242,45 @@ def _not_diffusers_message(repo: str, missing: list[str], names: list[str]) -> s
 
 
 @contextlib.contextmanager
-def _hub_errors(target: HubTarget, spec: str, command: str) -> Iterator[None]:
+def _hub_errors(target: HubTarget, spec: str, command: str, flag: str) -> Iterator[None]:
     """Turn huggingface_hub exceptions into one-line BoothErrors that say what to do next."""
+    from huggingface_hub import errors as hf
+
+    try:
+        yield
+    except (hf.HfHubHTTPError, hf.LocalEntryNotFoundError, hf.EntryNotFoundError) as e:
+        raise BoothError(_hub_message(e, target, spec, command, flag)) from e
+
+
+def _hub_message(e: Exception, target: HubTarget, spec: str, command: str, flag: str) -> str:
     from huggingface_hub import constants
     from huggingface_hub import errors as hf
 
     login = "run `hf auth login` (or set HF_TOKEN)"
-    try:
-        yield
-    except hf.GatedRepoError as e:
-        raise BoothError(
+    if isinstance(e, hf.GatedRepoError):
+        return (
             f"{target.repo} is gated: accept its licence on https://huggingface.co/{target.repo} and {login}"
-        ) from e
-    except hf.RepositoryNotFoundError as e:
+        )
+    if isinstance(e, hf.RepositoryNotFoundError):
         # A typo'd local path can parse as a repo id, so say both were tried.
         local = (
             "" if spec in ALIASES or spec.startswith(("http://", "https://")) else " (nor as a local path)"
         )
-        raise BoothError(
-            f"model {spec!r}: repository {target.repo} not found on the Hugging Face Hub{local}; "
-            f"check the name, or if it is private {login}"
-        ) from e
-    except hf.RevisionNotFoundError as e:
-        raise BoothError(
-            f"revision {target.revision!r} not found in {target.repo} on the Hugging Face Hub"
-        ) from e
-    except hf.LocalEntryNotFoundError as e:  # before EntryNotFoundError, its base class
+        return (f"model {spec!r}: repository {target.repo} not found on the Hugging Face Hub{local}; "
+                f"check the name, or if it is private {login}")  # fmt: skip
+    if isinstance(e, hf.RevisionNotFoundError):
+        return f"revision {target.revision!r} not found in {target.repo} on the Hugging Face Hub"
+    if isinstance(e, hf.LocalEntryNotFoundError):  # before EntryNotFoundError, its base class
         offline = "offline mode is on (HF_HUB_OFFLINE=1)"
         reason = offline if constants.HF_HUB_OFFLINE else "the Hugging Face Hub cannot be reached"
-        raise BoothError(
-            f"model {spec!r} ({target}) is not downloaded and {reason}; "
-            f"run `booth download {command}` on a machine with internet access "
-            "(or set HF_HOME to a cache that has it), or pass -c with a local checkpoint file"
-        ) from e
-    except hf.EntryNotFoundError as e:
-        raise BoothError(
-            f"file {target.filename} not found in {target.repo} on the Hugging Face Hub; "
-            f"check the name on https://huggingface.co/{target.repo}/tree/{target.revision or 'main'}"
-        ) from e
-    except hf.HfHubHTTPError as e:
-        status = e.response.status_code if e.response is not None else None
-        if status in (401, 403):
-            raise BoothError(f"access to {target.repo} denied (HTTP {status}); {login}") from e
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BoothError(f"Hugging Face Hub error for {target}: {first_line}") from e
+        return (f"model {spec!r} ({target}) is not downloaded and {reason}; run `booth download {command}` on a "
+                f"machine with internet access (or set HF_HOME to a cache that has it), or pass {flag} with a local "
+                "checkpoint file")  # fmt: skip
+    if isinstance(e, hf.EntryNotFoundError):
+        return (f"file {target.filename} not found in {target.repo} on the Hugging Face Hub; "
+                f"check the name on https://huggingface.co/{target.repo}/tree/{target.revision or 'main'}")  # fmt: skip
+    status = e.response.status_code if getattr(e, "response", None) is not None else None
+    if status in (401, 403):
+        return f"access to {target.repo} denied (HTTP {status}); {login}"
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"Hugging Face Hub error for {target}: {first_line}"

@@ -11,8 +11,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps, PngImagePlugin, UnidentifiedImageError
 
+from . import __version__
 from .atomic import atomic_path
 from .errors import BoothError
+from .options import SAMPLERS, SCHEDULES, Settings
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
@@ -73,8 +75,26 @@ def infotext(prompt: str, negative_prompt: str, params: dict[str, object]) -> st
     return "\n".join(lines)
 
 
+def parameters_text(sd, prompt: str, negative_prompt: str, s: Settings, seed: int,
+                    strength: float | None = None) -> str:  # fmt: skip
+    """AUTOMATIC1111's `parameters` text for one image made by `sd` (a booth.pipeline.StableDiffusion) with the
+    resolved settings `s`."""
+    sampler = SAMPLERS[s.sampler]
+    loras = ", ".join(
+        f"{name.replace(':', '').replace(',', '')}: {h}" for name, h in sd.loras
+    )  # A1111's separators
+    params = {
+        "Steps": s.steps, "Sampler": sampler.label, "Schedule type": SCHEDULES[s.schedule], "CFG scale": s.scale,
+        "Seed": seed, "Size": f"{s.width}x{s.height}", "Model hash": sd.model_hash, "Model": sd.name,
+        "Denoising strength": strength, "Eta": s.eta if sampler.eta is not None else None,
+        "Clip skip": s.clip_skip if s.clip_skip > 1 else None, "Lora hashes": loras or None,
+        "Version": f"booth {__version__}",
+    }  # fmt: skip
+    return infotext(prompt, negative_prompt, params)
+
+
 def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
-    """Inverse of `infotext` for the simple cases (used by tests and by `--from-image` style tools)."""
+    """Inverse of `infotext` for the simple cases: (prompt, negative prompt, parameters)."""
     *head, last = text.split("\n")
     prompt_lines, neg_lines = [], None
     for line in head:  # as AUTOMATIC1111: every line after "Negative prompt: " belongs to the negative prompt

@@ -33,23 +33,28 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import TEXT, UNET, diffusers_name, diffusers_rules, read_pickle, read_safetensors
+from .checkpoint import (
+    TEXT,
+    UNET,
+    data_hash,
+    diffusers_name,
+    diffusers_rules,
+    file_hash,
+    read_checkpoint,
+    read_pickle,
+    read_safetensors,
+    save_checkpoint,
+)
 from .config import ModelConfig
 from .errors import BoothError
+from .formats import LORA_FOLDER_FILE, PICKLE_SUFFIXES, looks_like_lora
+from .hub import find_model
+from .model import build
+from .options import LORA_TARGETS
 
-# Module paths (under the UNet / text encoder) each `--lora-targets` choice trains.
-_ATTN = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)"
-_FF = r"ff\.net\.(0\.proj|2)"
-# LoCon-style: the rest of the UNet's Linear and Conv2d layers except conv_in and conv_out (kohya's conv_dim
-# covers ResBlocks and the resamplers; the time embedding is added because diffusers and A1111 load it too).
-_REST = (
-    r"proj_in|proj_out|in_layers\.2|out_layers\.3|skip_connection|emb_layers\.1|op|\d\.conv|time_embed\.[02]"
-)
-TARGETS = {"attn": (_ATTN,), "attn-ff": (_ATTN, _FF), "all": (_ATTN, _FF, _REST)}
 # kohya's text-encoder LoRA: CLIPAttention and CLIPMLP layers.
 TEXT_TARGETS = r"self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.fc[12]"
 MAX_WEIGHT = 10.0  # |weight| above this is a typo rather than a setting (sliders use up to about 5-8)
-LEARNING_RATE = 1e-4  # diffusers' LoRA DreamBooth recipe; adapters start at zero and need larger steps
 PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 
 
@@ -85,9 +90,9 @@ class LoRALayer(nn.Module):
 
 def target_paths(model: nn.Module, targets: str = "attn", text_encoder: bool = False) -> list[str]:
     """Module paths (in the LatentDiffusion tree) of the layers a LoRA with these targets adapts."""
-    if targets not in TARGETS:
-        raise BoothError(f"unknown LoRA targets {targets!r}; choose one of: {', '.join(TARGETS)}")
-    unet = re.compile(rf"(.*\.)?({'|'.join(TARGETS[targets])})")
+    if targets not in LORA_TARGETS:
+        raise BoothError(f"unknown LoRA targets {targets!r}; choose one of: {', '.join(LORA_TARGETS)}")
+    unet = re.compile(rf"(.*\.)?({'|'.join(LORA_TARGETS[targets])})")
     text = re.compile(rf"(.*\.)?({TEXT_TARGETS})")
     found = []
     for path, module in model.named_modules():
@@ -133,8 +138,6 @@ def load_adapter_state(layers: dict[str, LoRALayer], state: dict[str, torch.Tens
 def save_lora(layers: dict[str, LoRALayer], path: str | os.PathLike, config: ModelConfig,
               dtype: torch.dtype = torch.float16, metadata: dict[str, str] | None = None) -> Path:  # fmt: skip
     """Write the adapters as a kohya-format file (atomically); only the adapters, never the base weights."""
-    from .checkpoint import save_checkpoint
-
     names = kohya_names(config)
     tensors = {}
     for p, layer in layers.items():
@@ -160,11 +163,7 @@ def kohya_metadata(rank: int, alpha: float, targets: str, base_name: str) -> dic
 def addnet_hash(tensors: dict[str, torch.Tensor]) -> str:
     """kohya's `sshs_model_hash`: SHA-256 of a safetensors file's data (everything after the header), which A1111
     shows as the LoRA's hash. The data does not depend on the metadata, so it can be hashed before writing."""
-    from safetensors.torch import save
-
-    blob = save({k: v.contiguous() for k, v in tensors.items()})
-    n = int.from_bytes(blob[:8], "little")
-    return hashlib.sha256(blob[8 + n :]).hexdigest()
+    return data_hash(tensors)
 
 
 # ----------------------------------------------------------------------------- names
@@ -173,8 +172,6 @@ def addnet_hash(tensors: dict[str, torch.Tensor]) -> str:
 @functools.lru_cache(maxsize=8)
 def kohya_names(config: ModelConfig) -> dict[str, str]:
     """Our module path -> kohya name, for every Linear and Conv2d of the UNet and text encoder."""
-    from .model import build
-
     rules, names = diffusers_rules(config), {}
     for path, module in build(config).named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)) and path.startswith((UNET, TEXT)):
@@ -234,15 +231,24 @@ class LoRA:
 def read_lora(path: str | os.PathLike) -> LoRA:
     """Read a kohya, diffusers or peft LoRA file (or a diffusers LoRA folder); BoothError if it is none of them."""
     path = Path(path)
-    file = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
+    file = path / LORA_FOLDER_FILE if path.is_dir() else path
     if not file.is_file():
         raise BoothError(f"LoRA not found: {path}")
-    if file.suffix == ".safetensors":
-        tensors, meta = read_safetensors(file)
-    elif file.suffix in (".bin", ".pt", ".pth", ".ckpt"):
-        tensors, meta = read_pickle(file), {}
-    else:
-        raise BoothError(f"unknown LoRA format {file.suffix!r} ({file}); use a .safetensors file")
+    try:
+        if file.suffix == ".safetensors":
+            tensors, meta = read_safetensors(file)
+        elif file.suffix in PICKLE_SUFFIXES:
+            tensors, meta = read_pickle(file), {}
+        else:
+            raise BoothError(f"unknown LoRA format {file.suffix!r} ({file}); use a .safetensors file")
+    except OSError as e:
+        raise BoothError(f"cannot read the LoRA {file}: {e.strerror or e}") from None
+    if not looks_like_lora(tensors) and any(
+        k.startswith((UNET, TEXT, "first_stage_model.")) for k in tensors
+    ):
+        raise BoothError(
+            f"{path} is a full model, not a LoRA: give it as the model (-m), and LoRA files with --lora"
+        )
     lora = LoRA(path, _group(tensors, path), meta)
     _fill_alphas(lora)
     return lora
@@ -260,14 +266,25 @@ def _group(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, dict]:
             raise BoothError(f"{path} is not a LoRA booth can read: unknown key layout ({key}); kohya, diffusers "
                              "and peft LoRAs are supported, LyCORIS LoHa/LoKr are not")  # fmt: skip
         entry = layers.setdefault(_kohya_name(module), {"module": module})
-        entry[kind] = float(tensor.float().reshape(-1)[0]) if kind == "alpha" else tensor
+        entry[kind] = _alpha(tensor, key, path) if kind == "alpha" else tensor
     for name, entry in layers.items():
         if "down" not in entry or "up" not in entry:
             missing = "up" if "down" in entry else "down"
             raise BoothError(f"{path} is incomplete: layer {name} has no {missing} weight")
+        if entry["down"].ndim < 2 or entry["down"].shape[0] < 1:
+            raise BoothError(
+                f"{path} is damaged: layer {name} has rank 0 (down weight {tuple(entry['down'].shape)})"
+            )
     if not layers:
         raise BoothError(f"{path} holds no LoRA weights")
     return layers
+
+
+def _alpha(tensor: torch.Tensor, key: str, path: Path) -> float:
+    value = float(tensor.float().reshape(-1)[0]) if tensor.numel() == 1 else math.nan
+    if not math.isfinite(value):
+        raise BoothError(f"{path} is damaged: {key} is not one finite number (shape {tuple(tensor.shape)})")
+    return value
 
 
 def _split(key: str) -> tuple[str | None, str | None]:
@@ -307,7 +324,7 @@ def _component(module: str) -> tuple[str, str]:
 def _fill_alphas(lora: LoRA) -> None:
     """Layers without an `.alpha` tensor take peft's lora_alpha (or alpha_pattern) from diffusers' header
     metadata when there is one, else alpha = rank (scale 1), as diffusers and A1111 assume."""
-    peft = json.loads(lora.metadata.get("lora_adapter_metadata", "{}") or "{}")
+    peft = _peft_metadata(lora)
     for entry in lora.layers.values():
         component, module = _component(entry["module"])
         cfg = {k.split(".", 1)[1]: v for k, v in peft.items() if k.startswith(component + ".")}
@@ -315,12 +332,33 @@ def _fill_alphas(lora: LoRA) -> None:
             raise BoothError(f"{lora.path} is a DoRA, which booth does not support yet")
         rank = entry["down"].shape[0]
         if "alpha" not in entry:
-            pattern = next(
-                (p for p in cfg.get("alpha_pattern") or {} if re.fullmatch(rf"(.*\.)?({p})", module)), None
-            )
-            entry["alpha"] = float(cfg["alpha_pattern"][pattern] if pattern else cfg.get("lora_alpha", rank))
+            entry["alpha"] = _peft_alpha(cfg, module, rank, lora.path)
         if cfg.get("use_rslora"):  # rank-stabilised: scale alpha / sqrt(rank)
             entry["alpha"] *= math.sqrt(rank)
+
+
+def _peft_metadata(lora: LoRA) -> dict:
+    try:
+        peft = json.loads(lora.metadata.get("lora_adapter_metadata") or "{}")
+    except (ValueError, RecursionError):
+        peft = None
+    if not isinstance(peft, dict):
+        raise BoothError(
+            f"{lora.path} has malformed peft metadata (lora_adapter_metadata is not a JSON object)"
+        )
+    return peft
+
+
+def _peft_alpha(cfg: dict, module: str, rank: int, path: Path) -> float:
+    patterns = cfg.get("alpha_pattern") or {}
+    try:
+        pattern = next((p for p in patterns if re.fullmatch(rf"(.*\.)?({p})", module)), None)
+        alpha = float(patterns[pattern] if pattern else cfg.get("lora_alpha", rank))
+    except (TypeError, ValueError, AttributeError, re.error):
+        raise BoothError(f"{path} has malformed peft metadata (lora_alpha or alpha_pattern)") from None
+    if not math.isfinite(alpha):
+        raise BoothError(f"{path} has malformed peft metadata (lora_alpha {alpha})")
+    return alpha
 
 
 def _file_data_hash(file: Path) -> str:
@@ -426,24 +464,17 @@ def restore(weights: dict[str, torch.Tensor], originals: dict[str, torch.Tensor]
         weights[key].copy_(value)
 
 
-def apply_loras(sd, loras: Sequence[tuple[LoRA, float]]) -> dict[str, torch.Tensor]:
-    """Merge LoRAs into a StableDiffusion's weights and note them for the PNG metadata; returns what `restore`
-    needs (`restore(sd.model.state_dict(), originals)`)."""
-    originals = merge(sd.model.state_dict(), loras, sd.config)
-    sd.loras = [(lora.name, lora.short_hash) for lora, _ in loras]
-    return originals
-
-
-def is_lora_file(path: Path) -> bool:
-    """Whether a file holds LoRA weights rather than a model (safetensors: from the header alone). A damaged
-    file is not a LoRA here: loading it as a model reports the damage when its turn comes."""
-    from .checkpoint import looks_like_lora, safetensors_header
-
-    try:
-        if path.suffix == ".safetensors":
-            return looks_like_lora(safetensors_header(path)[0])
-        # A pickle must be loaded to see its keys; full SD1 models are far larger than any LoRA.
-        small = path.suffix in (".bin", ".pt", ".pth", ".ckpt") and path.stat().st_size < 1 << 30
-        return small and looks_like_lora(read_pickle(path))
-    except (BoothError, OSError):
-        return False
+def merge_to_file(base: str, loras: Sequence[tuple[LoRA, float]], out: Path, save_precision: str = "fp16",
+                  ema: bool = False) -> Path:  # fmt: skip
+    """`booth merge`: the base model with the LoRAs added into its weights, as one single file (CompVis layout)
+    that any SD tool loads like a checkpoint."""
+    found = find_model(base, "-m")
+    ckpt = read_checkpoint(found.path, ema=ema)
+    dtype = torch.float16 if save_precision == "fp16" else torch.float32
+    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt.state_dict.items()}
+    merge(weights, loras, ckpt.config, keep=False)
+    merged = [{"name": lora.name, "hash": lora.short_hash, "weight": w} for lora, w in loras]
+    meta = {"booth.base_model": base, "booth.base_hash": file_hash(found.path) if found.path.is_file() else "",
+            "booth.loras": json.dumps(merged)}  # fmt: skip
+    save_checkpoint(weights, out, metadata=meta, config=ckpt.config)
+    return out

@@ -10,58 +10,22 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
 from . import sampling
-from .checkpoint import Checkpoint, load_model, read_checkpoint
+from .checkpoint import Checkpoint, file_hash, load_model, read_checkpoint
+from .config import ModelConfig
 from .errors import BoothError
+from .hub import find_model
 from .images import to_pil, to_tensor
+from .lora import LoRA, merge, restore
 from .model import LatentDiffusion
+from .options import Settings, check_strength, check_text
 from .tokenizer import get_tokenizer
 
-SAMPLER_NAMES = {
-    "ddim": "DDIM", "plms": "PLMS", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "lms": "LMS",
-    "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE",
-}  # fmt: skip
-SCHEDULE_NAMES = {"uniform": "Uniform", "karras": "Karras", "exponential": "Exponential"}
-
-
-@dataclass
-class Settings:
-    """How to sample; the defaults are booth's CLI defaults (`sampler="plms", steps=50` are the seed tool's)."""
-
-    steps: int = 25
-    sampler: str = "dpmpp_2m"
-    schedule: str = "karras"
-    scale: float = 7.5
-    eta: float = 0.0
-    height: int | None = None  # None: the model's own size (config.sample_size: 512 for SD1)
-    width: int | None = None
-    clip_skip: int = 1
-
-    def validate(self) -> None:
-        if self.sampler not in sampling.SAMPLERS:
-            raise BoothError(
-                f"unknown sampler {self.sampler!r}; choose one of: {', '.join(sampling.SAMPLERS)}"
-            )
-        if self.schedule not in sampling.SCHEDULES:
-            raise BoothError(
-                f"unknown schedule {self.schedule!r}; choose one of: {', '.join(sampling.SCHEDULES)}"
-            )
-        if self.steps < 1:
-            raise BoothError(f"steps must be at least 1 (got {self.steps})")
-        h, w = (8 if v is None else v for v in (self.height, self.width))
-        if h % 8 or w % 8 or min(h, w) < 8:
-            raise BoothError(
-                f"height and width must be positive multiples of 8 (got {self.height}x{self.width})"
-            )
-        if self.eta < 0:
-            raise BoothError(f"eta must be >= 0 (got {self.eta})")
-        if self.clip_skip < 1:
-            raise BoothError(f"clip skip must be at least 1 (got {self.clip_skip})")
+__all__ = ["Settings", "StableDiffusion", "resolve_settings", "steps_to_run"]
 
 
 class StableDiffusion:
@@ -78,7 +42,8 @@ class StableDiffusion:
         self.name, self.model_hash = name, model_hash
         self.loras: list[
             tuple[str, str]
-        ] = []  # (name, hash) of LoRAs merged into the weights, for PNG metadata
+        ] = []  # (name, hash) of the LoRAs merged into the weights (PNG metadata)
+        self._originals: dict[str, torch.Tensor] = {}  # the base tensors those LoRAs replaced
         self.tokenizer = get_tokenizer()
         c = self.config
         self.schedule = sampling.DiscreteSchedule(c.beta_start, c.beta_end, c.num_train_timesteps)
@@ -94,12 +59,26 @@ class StableDiffusion:
         cls, spec: str = "sd15", device="cpu", dtype=torch.float32, ema: bool = False
     ) -> StableDiffusion:
         """Load from a file, a diffusers folder, a Hugging Face repo id or an alias (`sd15`, `sd14`)."""
-        from .checkpoint import file_hash
-        from .hub import resolve
+        found = find_model(spec)
+        ckpt = read_checkpoint(found.path, ema=ema)
+        return cls.from_checkpoint(
+            ckpt, device, dtype, file_hash(found.path) if found.path.is_file() else None
+        )
 
-        path = resolve(spec)
-        ckpt = read_checkpoint(path, ema=ema)
-        return cls.from_checkpoint(ckpt, device, dtype, file_hash(path) if path.is_file() else None)
+    def load_weights(self, ckpt: Checkpoint, model_hash: str | None = None) -> None:
+        """Copy another checkpoint of the same config into this model's tensors (no LoRAs then)."""
+        load_model(ckpt, into=self.model)
+        self.name, self.model_hash = ckpt.name, model_hash
+        self.loras, self._originals = [], {}
+
+    def set_loras(self, loras: Sequence[tuple[LoRA, float]]) -> None:
+        """Merge these (LoRA, weight) pairs into the base weights, after putting back exactly the tensors an earlier
+        call replaced. Sampling then costs what the base model costs."""
+        weights = self.model.state_dict()
+        restore(weights, self._originals)
+        self.loras, self._originals = [], {}
+        self._originals = merge(weights, loras, self.config)  # checks every LoRA before it changes anything
+        self.loras = [(lora.name, lora.short_hash) for lora, _ in loras]
 
     # ------------------------------------------------------------------ building blocks
 
@@ -111,6 +90,11 @@ class StableDiffusion:
         negatives = (
             [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         )
+        for text in prompts + negatives:
+            check_text("the prompt", text)
+        if clip_skip > self.config.clip.layers:
+            raise BoothError(f"--clip-skip {clip_skip} is more than the {self.config.clip.layers} layers of "
+                             f"{self.name}'s text encoder")  # fmt: skip
         ids = self.tokenizer(prompts + negatives).to(self.device)  # one batch, so all share K
         emb = self.model.text_encoder.encode_chunks(ids, clip_skip)
         return emb[: len(prompts)], emb[len(prompts) :]
@@ -118,8 +102,11 @@ class StableDiffusion:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """Diffusion latents (B, 4, h, w) -> PIL images."""
-        vae = self.model.vae
-        images = vae.decode(latents.to(self.device, self.dtype) / self.config.scale_factor)
+        images = self.model.vae.decode(latents.to(self.device, self.dtype) / self.config.scale_factor)
+        if not bool(torch.isfinite(images).all()):
+            raise BoothError(
+                f"the VAE overflowed in {_name(self.dtype)} while decoding; use --precision fp32 or bf16"
+            )
         return to_pil(images)
 
     @torch.no_grad()
@@ -127,17 +114,14 @@ class StableDiffusion:
         """(1, 3, H, W) in [-1, 1] -> one posterior sample per generator, scaled: (len(generators), 4, H/8, W/8)."""
         mean, logvar = self.model.vae.encode(image.to(self.device, self.dtype))
         std = torch.exp(0.5 * logvar.float())
-        z = [mean.float() + std * sampling.randn(mean.shape, g, self.device) for g in generators]
-        return torch.cat(z) * self.config.scale_factor
+        z = mean.float() + std * sampling.randn((len(generators), *mean.shape[1:]), generators, self.device)
+        return z * self.config.scale_factor
 
-    def resolve(self, settings: Settings) -> Settings:
-        """A copy of `settings` with the image size filled in from the model when not given."""
-        size = self.config.sample_size
-        h, w = (size if v is None else v for v in (settings.height, settings.width))
-        return dataclasses.replace(settings, height=h, width=w)
+    def resolve(self, settings: Settings, image_size: tuple[int, int] | None = None) -> Settings:
+        return resolve_settings(self.config, settings, image_size)
 
     def sigmas(self, settings: Settings) -> torch.Tensor:
-        return sampling.SCHEDULES[settings.schedule](self.schedule, settings.steps)
+        return sampling.SCHEDULES[settings.resolved().schedule](self.schedule, settings.steps)
 
     # ------------------------------------------------------------------ sampling
 
@@ -157,36 +141,40 @@ class StableDiffusion:
             x = self._initial_noise(generators, s) * math.sqrt(1 + sigmas[0].item() ** 2)
         else:
             sigmas, x = self._img2img_start(image, generators, sigmas, strength)
-        unet = self.model.unet
-        denoiser = sampling.CFGDenoiser(
-            sampling.EpsDenoiser(unet, self.schedule, dtype=self.dtype), cond, uncond, s.scale
-        )
-        opts = {"eta": s.eta} if s.sampler in ("ddim", "euler_a", "dpmpp_2m_sde") else {}
+        eps = sampling.EpsDenoiser(self.model.unet, self.schedule, dtype=self.dtype)
+        denoiser = sampling.CFGDenoiser(eps, cond, uncond, s.scale)
+        opts = {} if s.eta is None else {"eta": s.eta}
         info = {"i": -1, "x": x, "sigma": sigmas[0], "sigma_next": sigmas[0], "denoised": x}
         with torch.no_grad():
             for info in sampling.SAMPLERS[s.sampler].steps(denoiser, x, sigmas, generator=generators, **opts):
                 yield info
+        if not bool(torch.isfinite(info["x"]).all()):
+            raise BoothError(f"{self.name} produced NaN or infinite latents: {self._broken()}")
         # Samplers work in sigma ("VE") space; the VAE wants the model's own scaling of the last state.
         yield {**info, "latents": info["x"] / math.sqrt(1 + sigmas[-1].item() ** 2)}
 
+    def _broken(self) -> str:
+        why = "its weights are probably broken (inf or NaN in the file, or trained with too high a learning rate)"
+        if self.dtype == torch.float32:
+            return why
+        return f"{why}, or they overflow in {_name(self.dtype)}: try --precision fp32 or bf16"
+
     def _initial_noise(self, generators: Sequence[torch.Generator], s: Settings) -> torch.Tensor:
         f = self.config.vae.downscale
-        shape = (1, self.config.unet.in_channels, s.height // f, s.width // f)
-        return torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device)
+        shape = (len(generators), self.config.unet.in_channels, s.height // f, s.width // f)
+        return sampling.randn(shape, generators, self.device)
 
     def _img2img_start(self, image, generators, sigmas, strength):
         """diffusers' img2img: strength picks how much of the schedule runs; each image's generator draws the
         VAE posterior sample first, then the noise."""
-        if not 0.0 <= strength <= 1.0:
-            raise BoothError(f"strength must be between 0 and 1 (got {strength})")
+        check_strength(strength)
         steps = len(sigmas) - 1
         run = steps_to_run(steps, strength)
         z0 = self.encode_image(image, generators)
         if run == 0:
             return sigmas[-1:] * 0, z0
         sigmas = sigmas[steps - run :]
-        noise = torch.cat([sampling.randn(z0[:1].shape, g, self.device) for g in generators])
-        return sigmas, z0 + noise * sigmas[0]
+        return sigmas, z0 + sampling.randn(z0.shape, generators, self.device) * sigmas[0]
 
     def _run(self, prompt, negative_prompt, seeds, settings, image=None, strength=0.75, callback=None):
         info = {}
@@ -203,12 +191,32 @@ class StableDiffusion:
     def img2img(self, image: Image.Image | torch.Tensor, prompt: str, negative_prompt: str = "",
                 seeds: Sequence[int] = (0,), strength: float = 0.75, settings: Settings | None = None,
                 callback=None, **kwargs) -> list[Image.Image]:  # fmt: skip
-        """Repaint `image` (PIL, resized to settings' size, or a (1,3,H,W) tensor in [-1, 1])."""
+        """Repaint `image`: a PIL image, resized to the settings' size (see `resolve`), or a (1,3,H,W) tensor in
+        [-1, 1], used at its own size."""
         s = _settings(settings, kwargs)
-        s = self.resolve(s)
-        tensor = image if isinstance(image, torch.Tensor) else to_tensor(image, (s.height, s.width))
-        s.height, s.width = tensor.shape[-2:]
-        return self._run(prompt, negative_prompt, seeds, s, tensor, strength, callback)
+        if isinstance(image, torch.Tensor):
+            s.height, s.width = image.shape[-2:]
+            return self._run(prompt, negative_prompt, seeds, s, image, strength, callback)
+        s = self.resolve(s, image.size)
+        return self._run(
+            prompt, negative_prompt, seeds, s, to_tensor(image, (s.height, s.width)), strength, callback
+        )
+
+
+def resolve_settings(
+    config: ModelConfig, settings: Settings, image_size: tuple[int, int] | None = None
+) -> Settings:
+    """A copy of `settings` with the sampler's schedule and eta filled in, and the image size where it is not given:
+    the model's own (`config.sample_size` squared) or, for an img2img input of `image_size` (w, h), as many pixels
+    in the input's aspect ratio, in multiples of 8."""
+    s = settings.resolved()
+    size = config.sample_size
+    if image_size is not None and s.height is None and s.width is None:
+        aspect = image_size[0] / image_size[1]
+        width, height = (max(8, round(size * f / 8) * 8) for f in (aspect**0.5, aspect**-0.5))
+        return dataclasses.replace(s, height=height, width=width)
+    h, w = (size if v is None else v for v in (s.height, s.width))
+    return dataclasses.replace(s, height=h, width=w)
 
 
 def steps_to_run(steps: int, strength: float) -> int:
@@ -218,9 +226,13 @@ def steps_to_run(steps: int, strength: float) -> int:
 
 
 def _settings(settings: Settings | None, overrides: dict) -> Settings:
-    s = Settings(**vars(settings)) if settings else Settings()
+    s = dataclasses.replace(settings) if settings else Settings()
     for k, v in overrides.items():
         if not hasattr(s, k):
             raise TypeError(f"unknown setting {k!r}")
         setattr(s, k, v)
     return s
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")

@@ -1,12 +1,12 @@
-"""Turning a generation job into files: a run folder with args.yaml, prompt.txt, PNGs with metadata and, when
-several checkpoints are compared, a grid. Used by the CLI (and by anything else that renders to disk)."""
+"""A render job to files: which models `-c`/`-m` name (`rows`), then a run folder with args.yaml, prompt.txt, PNGs
+with AUTOMATIC1111 metadata and, when several checkpoints are compared, a grid."""
 
 from __future__ import annotations
 
-import contextlib
+import random
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -16,143 +16,186 @@ from tqdm import tqdm
 
 from . import __version__
 from .atomic import write_text
-from .checkpoint import file_hash, load_model, read_checkpoint
+from .checkpoint import file_hash, read_checkpoint, read_config
+from .device import out_of_memory
 from .errors import BoothError
-from .images import grid, infotext, save_png
-from .pipeline import SAMPLER_NAMES, SCHEDULE_NAMES, Settings, StableDiffusion, steps_to_run
+from .formats import Found, not_a_model, safetensors_metadata
+from .hub import DEFAULT_MODEL, find, find_model, parse
+from .images import grid, load_image, parameters_text, save_png
+from .lora import LoRA, read_lora
+from .memory import available_bytes, format_gb, sampling_bytes, weights_bytes
+from .options import Job, Settings
+from .pipeline import StableDiffusion, resolve_settings, steps_to_run
 
 
-@dataclass
-class Job:
-    prompt: str
-    negative_prompt: str
-    settings: Settings
-    seed: int
-    count: int = 1
-    batch_size: int = 1
-    image: Image.Image | None = None  # img2img when set
-    strength: float | None = None
-    ema: bool = False
+@dataclass(frozen=True)
+class Row:
+    """One row of a render: a model, and the LoRA file of a LoRA run's checkpoint merged into it (or none)."""
 
-    def batches(self) -> list[list[int]]:
-        seeds = [self.seed + i for i in range(self.count)]
-        return [seeds[i : i + self.batch_size] for i in range(0, self.count, self.batch_size)]
+    model: Path
+    lora: Path | None = None
+
+    @property
+    def path(self) -> Path:
+        """What the row shows: the LoRA file if there is one, else the model."""
+        return self.lora or self.model
 
 
-def render(job: Job, models: Sequence[Path], run: Path | Callable[[], Path], device: torch.device,
-           dtype: torch.dtype, args: dict | None = None, loras: Sequence = (), base: Path | None = None) -> Iterator[Path]:  # fmt: skip
+def rows(ckpt: str | None, model: str | None) -> list[Row]:
+    """The models `-c` and `-m` name: one model, every checkpoint of a folder, or a folder of LoRA files (a LoRA
+    run's ckpts/), each over the base `-m` names, else the base the files record, else sd15."""
+    two = bool(ckpt and model and ckpt != model)
+    once = ("give the model once: -c/--ckpt-path and -m/--model name the same thing (-m names a base only when "
+            "-c is a folder of LoRA files)")  # fmt: skip
+    if two and not Path(ckpt).is_dir():  # before anything is downloaded
+        raise BoothError(once)
+    found = find(ckpt or model or DEFAULT_MODEL)
+    if found.kind == "lora":
+        raise not_a_model(found.path, found.kind)
+    members = found.members if found.kind == "folder" else (found,)
+    loras = [m for m in members if m.kind == "lora"]
+    if two and not loras:
+        raise BoothError(once)
+    if not loras:
+        return [Row(m.path) for m in members]
+    base = find_model(model, "-m") if two else _recorded_base(loras)
+    return [Row(base.path, m.path) if m.kind == "lora" else Row(m.path) for m in members]
+
+
+def _recorded_base(loras: list[Found]) -> Found:
+    spec = next((safetensors_metadata(m.path).get("booth.base_model") for m in loras
+                 if m.path.suffix == ".safetensors"), None)  # fmt: skip
+    if spec:
+        try:
+            parse(spec)  # an alias or repo id (fetched if needed), or a local file that is still there
+            return find_model(spec, "-m")
+        except BoothError:
+            print(f"booth: the LoRAs' base model {spec} is not here; using {DEFAULT_MODEL} (give the base with -m)",
+                  file=sys.stderr)  # fmt: skip
+    return find_model(DEFAULT_MODEL, "-m")
+
+
+def render(job: Job, models: Sequence[Row], run: Path | Callable[[], Path], device: torch.device,
+           dtype: torch.dtype, loras: Sequence[tuple[LoRA, float]] = ()) -> Iterator[Path]:  # fmt: skip
     """Render `job` with each model into `run`; yields every image path as soon as it is written. `run` may be a
     function making the folder: it is called once the first model has loaded, so a bad checkpoint leaves none.
-    `loras` ((LoRA, weight) pairs) are merged into every model; with `base`, LoRA files among `models` are rows
-    of their own: `base` plus that LoRA."""
-    loaded = _load_each(models, job.ema, device, dtype, loras, base)
-    first = next(loaded)
+    `loras` ((LoRA, weight) pairs) are merged into every model."""
+    job = job if job.seed is not None else replace(job, seed=random.randrange(2**32))
+    job.validate()
+    image = load_image(job.image) if job.image is not None else None
+    settings = _resolve(job, models, image, device, dtype)
+    loaded = _load_each(models, job.ema, device, dtype, loras)
+    sd = next(loaded)  # only once the first model has loaded is the run folder made
     run = run() if callable(run) else run
-    record = {k: v for k, v in (args or {}).items() if k != "func"}
-    record.update(seed=job.seed, device=str(device), dtype=str(dtype).replace("torch.", ""),
-                  models=[str(m) for m in models], booth_version=__version__)  # fmt: skip
-    write_text(run / "args.yaml", yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
-    write_text(run / "prompt.txt", job.prompt + "\n")
-    # One sample folder per checkpoint, by stem; by full name when two stems clash (a.ckpt and a.safetensors).
-    names = [m.stem for m in models]
-    names = names if len(set(names)) == len(names) else [m.name for m in models]
-    rows = []
-    for path, name in zip(models, names):
-        sd = first if first is not None else next(loaded)
-        first = None
+    _write_record(run, job, settings[0], models, device, dtype, loras)
+    names, grid_rows = _names(models), []
+    for k, (row, s, name) in enumerate(zip(models, settings, names)):
+        if k:
+            del sd  # so that a differently shaped model is built only after this one is freed
+            sd = next(loaded)
         folder = run / "samples" / (name if len(models) > 1 else "")
         folder.mkdir(parents=True, exist_ok=True)
-        row = []
-        for image, out in _render_one(sd, job, folder, label=path.name if len(models) > 1 else None):
-            row.append(image)
+        images = []
+        for im, out in _render_one(sd, job, s, image, folder, row.path.name if len(models) > 1 else None):
+            images.append(im)
             yield out
-        rows.append(row)
-        del sd  # so that _load_each can free this model before building a differently shaped one
+        grid_rows.append(images)
     if len(models) > 1:
-        yield save_png(grid(rows, names), run / "grid.png")
+        yield save_png(grid(grid_rows, names), run / "grid.png")
 
 
-def _load_each(paths: Sequence[Path], ema: bool, device, dtype, loras: Sequence = (),
-               base: Path | None = None) -> Iterator[StableDiffusion]:  # fmt: skip
-    """Each checkpoint in turn. Checkpoints of one model (a DreamBooth run's saves) are copied into the modules
-    already on the device; a different model replaces the previous one, which is freed first. A LoRA file (when
-    a `base` is given) is merged into the base, which is put back exactly before the next one."""
-    from .lora import apply_loras, is_lora_file, read_lora, restore
+def _resolve(job: Job, models: Sequence[Row], image, device, dtype) -> list[Settings]:
+    """Each model's complete settings (its own size where none is given), checked against the memory there is
+    before any weights are read: from the file headers alone."""
+    out = []
+    for row in models:
+        config = read_config(row.model)
+        s = resolve_settings(config, job.settings, image.size if image is not None else None)
+        _check_memory(config, s, job.batch_size, device, dtype, encode=image is not None)
+        out.append(s)
+    return out
 
-    sd, loaded, originals = None, None, {}
-    for path in paths:
-        own = [(read_lora(path), 1.0)] if base is not None and is_lora_file(path) else []
-        source = base if own else path
-        if source != loaded:
-            ckpt = read_checkpoint(source, ema=ema)
-            model_hash = file_hash(source) if source.is_file() else None
+
+def _check_memory(config, s: Settings, batch: int, device, dtype, encode: bool) -> None:
+    """Refuse a size or batch whose forecast (weights and the largest activations) exceeds the free memory."""
+    itemsize = dtype.itemsize
+    need = weights_bytes(config, itemsize) + sampling_bytes(
+        config, s.height, s.width, batch, itemsize, guidance=s.scale != 1, encode=encode
+    )
+    free = available_bytes(device)
+    if free is not None and need > free:
+        raise BoothError(
+            f"{s.width}x{s.height} images in batches of {batch} need about {format_gb(need)} on {device}, and "
+            f"{format_gb(free)} is free: give a smaller --hw (the model's own size is {config.sample_size}) or "
+            "-b/--batch-size"
+        )
+
+
+def _names(models: Sequence[Row]) -> list[str]:
+    """One sample folder per checkpoint, by stem; by full name when two stems clash (a.ckpt and a.safetensors)."""
+    names = [r.path.stem for r in models]
+    return names if len(set(names)) == len(names) else [r.path.name for r in models]
+
+
+def _write_record(run: Path, job: Job, s: Settings, models: Sequence[Row], device, dtype,
+                  loras: Sequence[tuple[LoRA, float]]) -> None:  # fmt: skip
+    """args.yaml: what was asked and what it resolved to (the seed drawn, the schedule and eta the sampler
+    chose, the size), so the run can be repeated; prompt.txt: the prompt alone."""
+    record = {"prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed,
+              "variations": job.variations, "batch_size": job.batch_size, "hw": [s.height, s.width],
+              "steps": s.steps, "sampler": s.sampler, "schedule": s.schedule, "scale": s.scale, "eta": s.eta,
+              "clip_skip": s.clip_skip, "ema": job.ema}  # fmt: skip
+    if job.image is not None:
+        record.update(image=str(job.image), strength=job.strength)
+    record.update(models=[str(r.model) for r in models], row_loras=[str(r.lora) for r in models if r.lora],
+                  loras=[f"{lora.path}:{w:g}" for lora, w in loras], device=str(device),
+                  dtype=str(dtype).replace("torch.", ""), booth_version=__version__)  # fmt: skip
+    write_text(run / "args.yaml", yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
+    write_text(run / "prompt.txt", job.prompt + "\n")
+
+
+def _load_each(models: Sequence[Row], ema: bool, device, dtype,
+               loras: Sequence[tuple[LoRA, float]]) -> Iterator[StableDiffusion]:  # fmt: skip
+    """Each row's model in turn. Checkpoints of one model (a DreamBooth run's saves) are copied into the modules
+    already on the device; a different model replaces the previous one, which is freed first. A row's own LoRA
+    is merged into its base, which the pipeline puts back exactly before the next one."""
+    sd, loaded = None, None
+    for row in models:
+        if row.model != loaded:
+            ckpt = read_checkpoint(row.model, ema=ema)
+            model_hash = file_hash(row.model) if row.model.is_file() else None
             if sd is not None and sd.config == ckpt.config:
-                load_model(ckpt, into=sd.model)
-                sd.name, sd.model_hash = ckpt.name, model_hash
+                sd.load_weights(ckpt, model_hash)
             else:
-                sd = None
+                sd = None  # so that the previous model is freed before the next one is built
                 sd = StableDiffusion.from_checkpoint(ckpt, device, dtype, model_hash)
-            loaded, originals = source, {}
-        restore(sd.model.state_dict(), originals)
-        originals = apply_loras(sd, [*own, *loras])
+            loaded = row.model
+        own = [(read_lora(row.lora), 1.0)] if row.lora else []
+        sd.set_loras([*own, *loras])
         yield sd
 
 
-def _render_one(
-    sd: StableDiffusion, job: Job, folder: Path, label: str | None
-) -> Iterator[tuple[Image.Image, Path]]:
-    s, index = sd.resolve(job.settings), 0
-    per_batch = steps_to_run(s.steps, job.strength) if job.image is not None else s.steps
-    bar = tqdm(total=len(job.batches()) * per_batch, desc=label or "sampling", unit="step", file=sys.stderr,
+def _render_one(sd: StableDiffusion, job: Job, s: Settings, image: Image.Image | None, folder: Path,
+                label: str | None) -> Iterator[tuple[Image.Image, Path]]:  # fmt: skip
+    per_batch = steps_to_run(s.steps, job.strength) if image is not None else s.steps
+    batches = -(-job.variations // job.batch_size)
+    bar = tqdm(total=batches * per_batch, desc=label or "sampling", unit="step", file=sys.stderr,
                dynamic_ncols=True, leave=False)  # fmt: skip
-    with bar, _out_of_memory_hint(s, job.batch_size):
+    hint = (f"generating {s.width}x{s.height} images in batches of {job.batch_size}: use a smaller -b/--batch-size "
+            "or --hw, or --precision fp16")  # fmt: skip
+    index = 0
+    with bar, out_of_memory(hint):
         for seeds in job.batches():
-            step = lambda info: bar.update(1)
-            if job.image is None:
+            step = lambda info: bar.update(1)  # noqa: E731
+            if image is None:
                 images = sd.txt2img(job.prompt, job.negative_prompt, seeds, s, callback=step)
             else:
                 images = sd.img2img(
-                    job.image, job.prompt, job.negative_prompt, seeds, job.strength, s, callback=step
+                    image, job.prompt, job.negative_prompt, seeds, job.strength, s, callback=step
                 )
-            for image, seed in zip(images, seeds):
+            for im, seed in zip(images, seeds):
                 text = parameters_text(
-                    sd, job.prompt, job.negative_prompt, s, seed, job.strength if job.image else None
+                    sd, job.prompt, job.negative_prompt, s, seed, job.strength if image else None
                 )
-                out = save_png(image, folder / f"{index:04d}.png", text)
+                yield im, save_png(im, folder / f"{index:04d}.png", text)
                 index += 1
-                yield image, out
-
-
-def parameters_text(sd: StableDiffusion, prompt: str, negative_prompt: str, s: Settings, seed: int,
-                    strength: float | None = None) -> str:  # fmt: skip
-    """AUTOMATIC1111's `parameters` text for one image made by `sd` with settings `s`."""
-    params = {
-        "Steps": s.steps, "Sampler": SAMPLER_NAMES[s.sampler], "Schedule type": SCHEDULE_NAMES[s.schedule],
-        "CFG scale": s.scale, "Seed": seed, "Size": f"{s.width}x{s.height}", "Model hash": sd.model_hash,
-        "Model": sd.name, "Denoising strength": strength,
-        "Eta": s.eta if s.sampler in ("ddim", "euler_a", "dpmpp_2m_sde") else None,
-        "Clip skip": s.clip_skip if s.clip_skip > 1 else None, "Lora hashes": _lora_hashes(sd),
-        "Version": f"booth {__version__}",
-    }  # fmt: skip
-    return infotext(prompt, negative_prompt, params)
-
-
-def _lora_hashes(sd: StableDiffusion) -> str | None:
-    # A1111's field: "name: hash" per LoRA, the name without the characters that separate entries
-    entries = [f"{name.replace(':', '').replace(',', '')}: {h}" for name, h in getattr(sd, "loras", [])]
-    return ", ".join(entries) or None
-
-
-@contextlib.contextmanager
-def _out_of_memory_hint(s: Settings, batch: int):
-    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-    hint = (f"out of memory generating {s.width}x{s.height} images in batches of {batch}: "
-            "use a smaller -b/--batch-size or --hw, or --precision fp16")  # fmt: skip
-    try:
-        yield
-    except oom:
-        raise BoothError(hint) from None
-    except RuntimeError as e:
-        if "out of memory" in str(e) or "can't allocate memory" in str(e):
-            raise BoothError(hint) from None
-        raise

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from booth.errors import BoothError
+from .errors import BoothError
+from .options import SAMPLERS as FACTS
 
 Denoiser = Callable[..., Tensor]
 Generator = torch.Generator | Sequence[torch.Generator] | None
@@ -106,9 +107,11 @@ def get_sigmas_uniform(schedule: DiscreteSchedule, steps: int) -> Tensor:
     not to 0 (diffusers' ``set_alpha_to_one=False``), so this schedule ends at ``sigma_min``."""
     _check_steps(steps)
     n = schedule.num_train_timesteps
-    t = torch.arange(steps - 1, -1, -1) * (n // steps) + 1
-    if int(t[0]) >= n:
+    if (
+        steps >= n
+    ):  # the spacing n // steps would repeat timesteps (or be 0), and samplers divide by its steps
         raise BoothError(f"at most {n - 1} steps are possible with the uniform schedule, got {steps}")
+    t = torch.arange(steps - 1, -1, -1) * (n // steps) + 1
     return torch.cat([schedule.sigmas[t], schedule.sigmas[:1]])
 
 
@@ -234,19 +237,25 @@ class CFGDenoiser:
 Steps = Iterator[dict]
 
 
-def _sampler(steps_fn: Callable[..., Steps]) -> Callable[..., Tensor]:
-    """Build ``sample_X`` from a step generator; the generator stays reachable as ``.steps``."""
+def _sampler(name: str, steps_fn: Callable[..., Steps]) -> Callable[..., Tensor]:
+    """Build ``sample_X`` from a step generator and the sampler's facts (``booth.options.SAMPLERS``): its default
+    eta comes from there, and the generator stays reachable as ``.steps``, the facts as ``.facts``."""
+    facts = FACTS[name]
+    defaults = {} if facts.eta is None else {"eta": facts.eta}
+
+    def steps(denoiser, x, sigmas, *, generator=None, **opts) -> Steps:
+        return steps_fn(denoiser, x, sigmas, generator=generator, **{**defaults, **opts})
 
     def sample(denoiser, x, sigmas, *, generator=None, callback=None, **opts) -> Tensor:
-        for info in steps_fn(denoiser, x, sigmas, generator=generator, **opts):
+        for info in steps(denoiser, x, sigmas, generator=generator, **opts):
             if callback is not None:
                 callback(info)
             x = info["x"]
         return x
 
-    sample.__name__ = sample.__qualname__ = steps_fn.__name__
-    sample.__doc__ = steps_fn.__doc__
-    sample.steps = steps_fn
+    sample.__name__ = sample.__qualname__ = f"sample_{name}"
+    sample.__doc__ = steps.__doc__ = steps_fn.__doc__
+    sample.steps, sample.facts = steps, facts
     return sample
 
 
@@ -288,14 +297,16 @@ def _ancestral_step(x, denoised, sigma, sigma_next, eta, generator) -> Tensor:
 # Samplers
 
 
-@_sampler
-def sample_ddim(denoiser, x, sigmas, *, generator=None, eta: float = 0.0) -> Steps:
-    """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12) in sigma space.
+def ancestral_steps(denoiser, x, sigmas, *, generator=None, eta: float) -> Steps:
+    """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12) and Euler ancestral
+    (k-diffusion ``sample_euler_ancestral``) are one update in sigma space.
 
     ``x_next = x0 + sigma_down * eps + sigma_up * z`` with ``eps = (x - x0) / sigma`` and
-    ``sigma_up = eta * sqrt(sigma_next**2 (sigma**2 - sigma_next**2) / sigma**2)``; the VE form of
-    DDIM's ``sigma_t(eta)``. With the uniform schedule this is diffusers' ``DDIMScheduler``
-    (``set_alpha_to_one=False``). eta=0 coincides with Euler; eta>0 with Euler ancestral.
+    ``sigma_up = eta * sqrt(sigma_next**2 (sigma**2 - sigma_next**2) / sigma**2)``: an Euler step of
+    the probability flow ODE to ``sigma_down``, then fresh noise of std ``sigma_up`` (see
+    :func:`ancestral_sigmas`). eta=0 is deterministic DDIM (and coincides with Euler); eta=1 samples
+    the DDPM posterior (Ho et al. 2020). With the uniform schedule, ``ddim`` is diffusers'
+    ``DDIMScheduler`` (``set_alpha_to_one=False``); ``euler_a`` is this at eta=1 on Karras sigmas.
     """
     sigmas, sig = _prepare(sigmas, x)
     for i in range(len(sig) - 1):
@@ -304,20 +315,7 @@ def sample_ddim(denoiser, x, sigmas, *, generator=None, eta: float = 0.0) -> Ste
         yield _info(i, x, sigmas, denoised)
 
 
-@_sampler
-def sample_euler_a(denoiser, x, sigmas, *, generator=None, eta: float = 1.0) -> Steps:
-    """Euler ancestral (k-diffusion ``sample_euler_ancestral``): an Euler step of the probability
-    flow ODE to ``sigma_down`` then fresh noise of std ``sigma_up`` (see :func:`ancestral_sigmas`);
-    eta=1 samples the DDPM posterior (Ho et al. 2020). Same update as DDIM with ``eta``."""
-    sigmas, sig = _prepare(sigmas, x)
-    for i in range(len(sig) - 1):
-        denoised = _denoise(denoiser, x, sigmas[i])
-        x = _ancestral_step(x, denoised, sig[i], sig[i + 1], eta, generator)
-        yield _info(i, x, sigmas, denoised)
-
-
-@_sampler
-def sample_euler(denoiser, x, sigmas, *, generator=None) -> Steps:
+def euler_steps(denoiser, x, sigmas, *, generator=None) -> Steps:
     """Euler's method on the probability flow ODE ``dx/dsigma = (x - D(x, sigma)) / sigma``
     (Karras et al. 2022, Algorithm 2 without churn and without the 2nd-order correction)."""
     sigmas, sig = _prepare(sigmas, x)
@@ -328,8 +326,7 @@ def sample_euler(denoiser, x, sigmas, *, generator=None) -> Steps:
         yield _info(i, x, sigmas, denoised)
 
 
-@_sampler
-def sample_heun(denoiser, x, sigmas, *, generator=None) -> Steps:
+def heun_steps(denoiser, x, sigmas, *, generator=None) -> Steps:
     """Heun's 2nd-order method (Karras et al. 2022, Algorithm 2, churn 0): two denoiser calls per
     step, except a plain Euler step into sigma = 0 where the slope is undefined."""
     sigmas, sig = _prepare(sigmas, x)
@@ -365,8 +362,7 @@ def _plms_first_eps(denoiser, x, eps, sigmas, sig, i) -> Tensor:
     return (eps + eps_pred) / 2
 
 
-@_sampler
-def sample_plms(denoiser, x, sigmas, *, generator=None) -> Steps:
+def plms_steps(denoiser, x, sigmas, *, generator=None) -> Steps:
     """Pseudo linear multistep (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models on
     Manifolds"; PLMS as in CompVis' ``PLMSSampler`` and diffusers' ``PNDMScheduler(skip_prk_steps=True)``).
 
@@ -409,8 +405,7 @@ def lms_coefficients(sig: Sequence[float], i: int, order: int) -> list[float]:
     return coeffs
 
 
-@_sampler
-def sample_lms(denoiser, x, sigmas, *, generator=None, order: int = 4) -> Steps:
+def lms_steps(denoiser, x, sigmas, *, generator=None, order: int = 4) -> Steps:
     """Linear multistep in sigma: the variable-step Adams-Bashforth method (Hairer, Norsett &
     Wanner, "Solving Ordinary Differential Equations I", Sec. III.5) on the probability flow ODE,
     as k-diffusion's ``sample_lms``. The slope is extrapolated by the Lagrange polynomial through
@@ -425,38 +420,17 @@ def sample_lms(denoiser, x, sigmas, *, generator=None, order: int = 4) -> Steps:
         yield _info(i, x, sigmas, denoised)
 
 
-@_sampler
-def sample_dpmpp_2m(denoiser, x, sigmas, *, generator=None) -> Steps:
-    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2; k-diffusion form).
+def dpmpp_2m_steps(denoiser, x, sigmas, *, generator=None, eta: float = 0.0) -> Steps:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2) and its SDE variant, midpoint form
+    (Sec. 4 and App.; k-diffusion ``sample_dpmpp_2m`` and ``sample_dpmpp_2m_sde``, diffusers ``dpmsolver++``
+    and ``sde-dpmsolver++``): one update, the ODE solver at eta = 0.
 
-    Exponential integrator in ``lambda = -log(sigma)`` with the denoised output extrapolated from
+    An exponential integrator in ``lambda = -log(sigma)`` with the denoised output extrapolated from
     the previous step. The first step, and a step into sigma = 0 (where ``lambda`` is infinite and
-    the exact answer of the 1st-order update is simply ``denoised``), are first order.
-    """
-    sigmas, sig = _prepare(sigmas, x)
-    old, h_last = None, None
-    for i in range(len(sig) - 1):
-        s, s_next = sig[i], sig[i + 1]
-        denoised = _denoise(denoiser, x, sigmas[i])
-        if s_next == 0:
-            x = denoised
-        else:
-            h = math.log(s / s_next)
-            d = denoised if old is None else denoised + (denoised - old) * (h / (2 * h_last))
-            x = (s_next / s) * x - math.expm1(-h) * d
-            h_last = h
-        old = denoised
-        yield _info(i, x, sigmas, denoised)
-
-
-@_sampler
-def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, generator=None, eta: float = 1.0) -> Steps:
-    """DPM-Solver++(2M) SDE, midpoint variant (Lu et al. 2022, "DPM-Solver++", Sec. 4 and App.;
-    k-diffusion ``sample_dpmpp_2m_sde``, diffusers ``sde-dpmsolver++``).
-
-    ``eta`` scales the injected noise (1 = the reverse SDE, 0 = DPM-Solver++(2M)). Noise is plain
-    per-step Gaussian from ``generator`` (k-diffusion uses a Brownian tree, which has the same
-    distribution for a fixed schedule but needs torchsde).
+    the exact answer of the 1st-order update is simply ``denoised``), are first order. ``eta`` scales
+    the injected noise (1 = the reverse SDE). Noise is plain per-step Gaussian from ``generator``
+    (k-diffusion uses a Brownian tree, which has the same distribution for a fixed schedule but needs
+    torchsde).
     """
     sigmas, sig = _prepare(sigmas, x)
     old, h_last = None, None
@@ -479,13 +453,24 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, generator=None, eta: float = 1.0
         yield _info(i, x, sigmas, denoised)
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {
-    "ddim": sample_ddim,
-    "plms": sample_plms,
-    "euler": sample_euler,
-    "euler_a": sample_euler_a,
-    "heun": sample_heun,
-    "lms": sample_lms,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+_STEPS = {
+    "ddim": ancestral_steps,
+    "plms": plms_steps,
+    "euler": euler_steps,
+    "euler_a": ancestral_steps,
+    "heun": heun_steps,
+    "lms": lms_steps,
+    "dpmpp_2m": dpmpp_2m_steps,
+    "dpmpp_2m_sde": dpmpp_2m_steps,
 }
+if _STEPS.keys() != FACTS.keys():  # a sampler without code, or code without facts
+    raise ImportError(
+        f"booth.sampling and booth.options disagree on the samplers: {sorted(_STEPS)} {sorted(FACTS)}"
+    )
+SAMPLERS: dict[str, Callable[..., Tensor]] = {name: _sampler(name, fn) for name, fn in _STEPS.items()}
+sample_ddim, sample_plms, sample_euler, sample_euler_a = (
+    SAMPLERS[n] for n in ("ddim", "plms", "euler", "euler_a")
+)
+sample_heun, sample_lms, sample_dpmpp_2m, sample_dpmpp_2m_sde = (
+    SAMPLERS[n] for n in ("heun", "lms", "dpmpp_2m", "dpmpp_2m_sde")
+)

@@ -157,6 +157,14 @@ def diffusers_pipeline(model: LatentDiffusion, tmp, img2img: bool = False):
     return pipe
 
 
+DOG = Path(__file__).parent / "data" / "dog"  # five photos of one dog (the DreamBooth benchmark's)
+
+
+def dreambooth_argv(base, out, *args) -> list[str]:
+    """`booth dreambooth` of the test dog on the base model `base`, writing runs into `out`."""
+    return ["dreambooth", "-c", "dog", "-i", str(DOG), "-m", str(base), "-o", str(out), *map(str, args)]
+
+
 def read_jsonl(path) -> list[dict]:
     """A run's metrics.jsonl, one dict per logged step."""
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
@@ -165,11 +173,25 @@ def read_jsonl(path) -> list[dict]:
 def interrupt_once_logged(cmd: list[str], log, lines: int = 3, timeout: float = 300) -> tuple[int, str]:
     """Run `cmd` (a booth training command) in a fresh process, press Ctrl-C once `log` has `lines` steps in it,
     and return its exit code and stderr."""
+    log = Path(log)
+    return interrupt_when(cmd, lambda: log.exists() and len(log.read_text().splitlines()) >= lines, timeout)
+
+
+def interrupt_when(cmd: list[str], ready, timeout: float = 300) -> tuple[int, str]:
+    """Run `cmd` in a fresh process, press Ctrl-C once `ready()` is true, and return its exit code and stderr."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log, deadline = Path(log), time.time() + timeout
-    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < lines):
+    deadline = time.time() + timeout
+    while time.time() < deadline and not ready() and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err
+
+
+def error_of(capsys) -> str:
+    """The one `booth: error:` line a command printed (and no traceback)."""
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("booth: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]

@@ -1,19 +1,26 @@
 """Every checkpoint format users have, read into the same weights; bad files refused with clear errors."""
 
+import hashlib
+import json
 import os
 import pickle
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from booth.atomic import DiskFull
 from booth.checkpoint import (
     CONFIG_KEY,
     UNET,
+    NonFiniteWeights,
     diffusers_config,
     infer_config,
     load_model,
     read_checkpoint,
+    read_config,
     save_checkpoint,
     to_layout,
 )
@@ -134,8 +141,6 @@ def test_pickle_with_code_is_refused_and_never_run(sd, tmp_path, monkeypatch):
 
 
 def header_file(header: dict, data_bytes: int) -> bytes:
-    import json
-
     raw = json.dumps(header).encode()
     return struct.pack("<Q", len(raw)) + raw + b"\0" * data_bytes
 
@@ -196,8 +201,6 @@ def test_config_in_metadata_wins_over_inference(sd, tmp_path):
 
 def test_unreadable_config_in_metadata_is_a_clear_error(sd, tmp_path):
     """A file from a newer booth (an unknown config field) or a damaged header: one line, not a traceback."""
-    import json
-
     from safetensors.torch import save_file
 
     newer = json.loads(TINY.to_json()) | {"some_future_field": 1}
@@ -255,8 +258,6 @@ def test_diffusers_folder_missing_parts(model, tmp_path):
 
 
 def test_atomic_save_keeps_the_old_file_on_failure(sd, tmp_path, monkeypatch):
-    import safetensors.torch
-
     path = tmp_path / "m.safetensors"
     save_checkpoint(sd, path)
     before = path.read_bytes()
@@ -266,8 +267,180 @@ def test_atomic_save_keeps_the_old_file_on_failure(sd, tmp_path, monkeypatch):
             f.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
-    with pytest.raises(OSError):
+    monkeypatch.setattr("booth.checkpoint.write_safetensors", disk_full)
+    with pytest.raises(DiskFull, match="the disk is full"):
         save_checkpoint(sd, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"], "no temporary file left behind"
+
+
+def test_diffusers_folder_of_pickles_reads_the_same_weights(model, tmp_path):
+    """Older repos ship `unet/diffusion_pytorch_model.bin` and `text_encoder/pytorch_model.bin`: the Hub download
+    fetches them (booth.formats.WEIGHTS_PREFERENCE), so the folder reader must read them too."""
+    from helpers import diffusers_pipeline
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pipe"
+    diffusers_pipeline(model, tmp_path / "tok").save_pretrained(folder, safe_serialization=True)
+    for file in folder.rglob("*.safetensors"):  # as older diffusers and transformers saved them
+        name = "pytorch_model.bin" if file.name == "model.safetensors" else "diffusion_pytorch_model.bin"
+        torch.save(load_file(file), file.with_name(name))
+        file.unlink()
+    assert (folder / "text_encoder" / "pytorch_model.bin").is_file()
+    same(read_checkpoint(folder).state_dict, model.state_dict())
+
+
+def test_the_folder_reader_takes_the_file_the_hub_download_chose(model, tmp_path):
+    """One preference order: for every mix of files a component folder can hold, the reader reads the one
+    `hub.diffusers_files` fetches."""
+    from booth import hub
+    from booth.checkpoint import _read_component
+    from booth.formats import WEIGHTS_PREFERENCE
+
+    folder = tmp_path / "c"
+    folder.mkdir()
+    for k, name in enumerate(reversed(WEIGHTS_PREFERENCE)):  # each new file is preferred over the ones before
+        tensor = {"w": torch.full((1,), float(k))}
+        path = folder / name
+        if name.endswith(".safetensors"):
+            save_checkpoint(tensor, path)
+        else:
+            torch.save(tensor, path)
+        listing = ["model_index.json", *(f"{c}/config.json" for c in hub.COMPONENTS)]
+        listing += [f"{c}/{p.name}" for c in hub.COMPONENTS for p in folder.iterdir()]
+        chosen = [
+            n for n in hub.diffusers_files(listing)[0] if n.startswith("unet/") and not n.endswith(".json")
+        ]
+        assert chosen == [f"unet/{name}"]
+        assert _read_component(folder)["w"].item() == k, name
+
+
+def test_written_files_are_what_safetensors_writes_and_read_back(tmp_path):
+    """booth writes safetensors itself (for a fixed metadata order); safetensors reads the file, and the data
+    section is byte for byte the one safetensors' own writer lays out, whatever the dtypes."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"b.f32": torch.randn(3, 5, generator=g), "a.f16": torch.randn(7, generator=g).half(),
+               "c.bf16": torch.randn(2, 2, generator=g).bfloat16(), "d.i64": torch.arange(5),
+               "e.bool": torch.tensor([True, False, True]), "f.scalar": torch.tensor(2.5),
+               "g.empty": torch.zeros(0, 4), "h.strided": torch.randn(4, 6, generator=g)[:, ::2]}  # fmt: skip
+    meta = {"zeta": "last", "alpha": "first", "booth.config": TINY.to_json()}
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(tensors, path, metadata=meta)
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {**meta, CONFIG_KEY: TINY.to_json()}
+        for k, v in tensors.items():
+            assert torch.equal(f.get_tensor(k), v) and f.get_tensor(k).dtype == v.dtype, k
+    blob, ours = save({k: v.contiguous() for k, v in tensors.items()}), path.read_bytes()
+    skip = lambda b: b[8 + int.from_bytes(b[:8], "little") :]  # noqa: E731
+    assert skip(ours) == skip(blob)
+    header = json.loads(ours[8 : 8 + int.from_bytes(ours[:8], "little")])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+
+
+def test_identical_saves_in_two_processes_write_identical_bytes(tmp_path):
+    """A checkpoint's SHA-256 is AUTOMATIC1111's model hash: it may not change between identical runs.
+    (safetensors' writer orders the metadata by a hash map seeded per process.)"""
+    script = """
+import sys, torch
+from booth.checkpoint import save_checkpoint
+meta = {f"booth.key{i}": str(i) for i in range(12)}
+save_checkpoint({"w": torch.arange(6.0).reshape(2, 3)}, sys.argv[1], metadata=meta)
+"""
+    for name in ("a", "b"):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / name)], check=True, timeout=120)
+    assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes()
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(NonFiniteWeights, match="w holds inf or NaN values in float32"):
+        save_checkpoint({"w": torch.tensor([1.0, float("inf")])}, path)
+    with pytest.raises(NonFiniteWeights, match="float16"):  # finite in fp32, beyond fp16's 65504
+        save_checkpoint({"w": torch.tensor([1.0, 1e5])}, path, dtype=torch.float16)
+    assert list(tmp_path.iterdir()) == []
+
+
+def stored_config(sd, path, **changes):
+    """A booth file whose header config has `changes` (nested as 'unet.num_heads')."""
+    from safetensors.torch import save_file
+
+    config = json.loads(TINY.to_json())
+    for key, value in changes.items():
+        part, name = key.split(".")
+        config[part][name] = value
+    save_file(
+        {k: v.contiguous() for k, v in sd.items()}, str(path), metadata={CONFIG_KEY: json.dumps(config)}
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"unet.num_heads": 0}, "num_heads must be a positive whole number"),
+        ({"unet.num_heads": 3}, "3 heads do not divide the 64 channels"),
+        ({"clip.heads": 5}, "5 text encoder heads do not divide its width 128"),
+        ({"unet.channel_mult": []}, "channel_mult"),
+        ({"vae.ch": True}, "ch must be a positive whole number"),
+        ({"unet.norm_groups": 7}, "not a multiple of 7 groups"),
+    ],
+)
+def test_an_impossible_stored_config_is_a_clear_error(sd, tmp_path, changes, message):
+    path = stored_config(sd, tmp_path / "odd.safetensors", **changes)
+    with pytest.raises(
+        BoothError, match=f"the model config stored in .*odd.safetensors is impossible: .*{message}"
+    ):
+        read_checkpoint(path)
+    with pytest.raises(BoothError, match="impossible"):
+        read_config(path)
+
+
+def test_hostile_safetensors_headers(tmp_path):
+    cases = {
+        "bool-shape.safetensors": (header_file({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, 4),
+                                   "bad entry for 'a'"),
+        "nested.safetensors": (_nested_header(100_000), "nested too deeply"),
+        "meta.safetensors": (header_file({"__metadata__": {"k": 1}}, 0), "__metadata__ is not a mapping of strings"),
+    }  # fmt: skip
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(BoothError, match=message):
+            read_checkpoint(tmp_path / name)
+
+
+def _nested_header(depth: int) -> bytes:
+    raw = ("[" * depth + "]" * depth).encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def test_a_hash_cache_of_the_wrong_json_type_is_started_over(tmp_path, monkeypatch):
+    from booth.checkpoint import file_hash
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cache = tmp_path / "cache" / "booth" / "hashes.json"
+    cache.parent.mkdir(parents=True)
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(b"weights")
+    expected = hashlib.sha256(b"weights").hexdigest()[:10]
+    for text in ("[1, 2, 3]", '"a string"', '{"key": 5}', "[" * 100_000):
+        cache.write_text(text)
+        assert file_hash(model) == expected, text
+        assert isinstance(json.loads(cache.read_text()), dict)
+
+
+def test_a_pickled_lora_is_told_from_a_model_without_running_or_loading_it(sd, tmp_path):
+    from booth.formats import identify
+
+    torch.save({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8)},
+               tmp_path / "lora.pt")  # fmt: skip
+    torch.save({"state_dict": sd}, tmp_path / "model.ckpt")
+    with open(tmp_path / "legacy.bin", "wb") as f:  # the pre-zip format torch.load still reads
+        torch.save({"x.lora_up.weight": torch.zeros(8, 4)}, f, _use_new_zipfile_serialization=False)
+    assert [identify(tmp_path / n).kind for n in ("lora.pt", "model.ckpt", "legacy.bin")] == [
+        "lora",
+        "checkpoint",
+        "lora",
+    ]

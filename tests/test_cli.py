@@ -4,6 +4,7 @@ folders, img2img inputs, and every bad input ending in one `booth: error:` line 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import os
@@ -28,6 +29,8 @@ from booth.config import TINY
 from booth.images import infotext, load_image, parse_infotext
 from booth.model import random_weights
 
+# TINY with a small native size, so that the defaults (no --hw) stay cheap; stored in each file's header
+SMALL = dataclasses.replace(TINY, sample_size=32)
 PROMPT = "a fox, in the snow: photo"  # commas and a colon: the prompt line is written as is
 NEGATIVE = "blurry, lowres: bad"
 SEED = 1234
@@ -87,8 +90,22 @@ def runs(out: Path) -> list[Path]:
     return sorted(p for p in out.glob("run*") if p.is_dir()) if out.exists() else []
 
 
+def assert_failed(r: Result, *needles: str, out: Path | None = None) -> str:
+    """An error after work had started (progress bars on stderr before it): exit 1, nothing on stdout, and the
+    last stderr line the one `booth: error: ...`, containing every needle."""
+    assert needles and r.rc == 1 and r.out == "" and "Traceback" not in r.err, r
+    errors = [line for line in r.err.splitlines() if "booth: error:" in line]
+    assert len(errors) == 1 and r.err.rstrip().endswith(errors[0].split("booth: error: ")[1]), r.err
+    for needle in needles:
+        assert needle.lower() in errors[0].lower(), f"{needle!r} not in {errors[0]!r}"
+    if out is not None:
+        assert runs(out) == [], f"a failed run left {runs(out)}"
+    return errors[0]
+
+
 def assert_error(r: Result, *needles: str, out: Path | None = None) -> str:
     """Exit 1, nothing on stdout, exactly one stderr line `booth: error: ...` containing every needle."""
+    assert needles, "say what the error must name: any error would pass otherwise"
     lines = [line for line in r.err.splitlines() if line.strip()]
     assert r.rc == 1, r
     assert r.out == ""
@@ -124,12 +141,12 @@ class Models:
 @pytest.fixture(scope="module")
 def models(env) -> Models:
     single = env / "tiny.safetensors"
-    save_checkpoint(random_weights(TINY, seed=0).state_dict(), single, dtype=torch.float16)
+    save_checkpoint(random_weights(TINY, seed=0).state_dict(), single, dtype=torch.float16, config=SMALL)
     folder = env / "checkpoints"
     folder.mkdir()
     late, early = folder / "step-000100.safetensors", folder / "step-000020.safetensors"
-    save_checkpoint(random_weights(TINY, seed=1).state_dict(), late, dtype=torch.float16)
-    save_checkpoint(random_weights(TINY, seed=2).state_dict(), early, dtype=torch.float16)
+    save_checkpoint(random_weights(TINY, seed=1).state_dict(), late, dtype=torch.float16, config=SMALL)
+    save_checkpoint(random_weights(TINY, seed=2).state_dict(), early, dtype=torch.float16, config=SMALL)
     (folder / "notes.txt").write_text("not a checkpoint")
     return Models(single, folder, early, late)
 
@@ -347,23 +364,24 @@ def test_folder_checkpoints_with_the_same_stem_do_not_overwrite(env, models, tmp
 
 
 def write_images(folder: Path) -> dict[str, tuple[Path, tuple[int, int]]]:
-    """name -> (input file, expected output size (w, h) when --hw is not given)."""
+    """name -> (input file, expected output size (w, h) when --hw is not given: SMALL's 32x32 = 1024 pixels in the
+    input's aspect ratio, each side rounded to a multiple of 8)."""
     rng = np.random.default_rng(0)
     rgb = Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8))  # 24 wide, 16 high
     cases = {}
 
-    def add(name, image, size=(24, 16), **kw):
+    def add(name, image, size=(40, 24), **kw):  # 3:2 -> 39.2 x 26.1 -> 40x24
         image.save(folder / name, **kw)
         cases[name] = (folder / name, size)
 
-    add("odd.png", Image.fromarray(rng.integers(0, 256, (21, 30, 3), dtype=np.uint8)))  # 30x21 -> 24x16
+    add("odd.png", Image.fromarray(rng.integers(0, 256, (21, 30, 3), dtype=np.uint8)))  # 30:21 -> 38.2 x 26.8
     add("photo.jpg", rgb)
     add("rgba.png", rgb.convert("RGBA"))
     add("gray.jpg", rgb.convert("L"))
     add("cmyk.jpg", rgb.convert("CMYK"))
     exif = Image.Exif()
     exif[0x0112] = 6  # stored 24x16, shown rotated by 90 degrees: 16x24
-    add("rotated.jpg", rgb, size=(16, 24), exif=exif)
+    add("rotated.jpg", rgb, size=(24, 40), exif=exif)
     return cases
 
 
@@ -417,22 +435,13 @@ def test_load_image_keeps_16_bit_grayscale_tones(tmp_path):
     assert np.abs(arr[..., 0] - ramp / 257).max() <= 1  # not clipped to white
 
 
-def test_img2img_scales_large_inputs_down_to_768(env, models, monkeypatch):
-    """A 1000x800 input becomes 768x608 (scaled to fit 768, rounded down to multiples of 8)."""
-    from booth.pipeline import StableDiffusion
-
-    seen = []
-
-    def fake_img2img(self, image, prompt, negative, seeds, strength, settings, callback=None):
-        seen.append((settings.width, settings.height))
-        return [Image.new("RGB", (settings.width, settings.height)) for _ in seeds]
-
-    monkeypatch.setattr(StableDiffusion, "img2img", fake_img2img)
-    Image.new("RGB", (1000, 800), "gray").save(env / "big.png")
+def test_img2img_works_at_the_models_own_size_whatever_the_input(env, models):
+    """Without --hw a 2:1 input of any size becomes SMALL's 32x32 pixels at 2:1: 45.3 x 22.6 -> 48x24."""
+    Image.new("RGB", (2000, 1000), "gray").save(env / "big.png")
     r = booth_cli("img2img", "-i", env / "big.png", "-c", models.single, "-o", env / "big", "-p", "x", *FAST)
     assert r.rc == 0, r.err
-    assert seen == [(768, 608)]
-    assert Image.open(r.paths[0]).size == (768, 608)
+    assert Image.open(r.paths[0]).size == (48, 24)
+    assert parse_infotext(parameters(r.paths[0]))[2]["Size"] == "48x24"
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -487,15 +496,7 @@ def test_malicious_protocol4_pickle_does_not_run(tmp_path):
     evil_protocol4(ckpt, marker)
     r = booth_cli("txt2img", "-c", ckpt, "-o", tmp_path / "out", "-p", "x", "--hw", 16, 16, *FAST)
     assert not marker.exists(), "the pickle's code ran"
-    assert_error(r, "evil.ckpt", out=tmp_path / "out")
-
-
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-def test_malicious_protocol4_pickle_message_says_refusing(tmp_path):
-    ckpt = tmp_path / "evil.ckpt"
-    evil_protocol4(ckpt, tmp_path / "MARKER")
-    r = booth_cli("txt2img", "-c", ckpt, "-o", tmp_path / "out", "-p", "x", "--hw", 16, 16, *FAST)
-    assert_error(r, "refusing", "code")
+    assert_error(r, "evil.ckpt", "refusing", "code", out=tmp_path / "out")
 
 
 def bad_checkpoint(kind: str, tmp: Path, good: Path) -> Path:
@@ -565,17 +566,15 @@ def test_permission_denied_is_reported(tmp_path, models, monkeypatch):
     assert_error(r, "tiny.safetensors", "permission denied", out=tmp_path / "out")
 
 
-def test_bad_checkpoint_in_a_folder_keeps_the_images_made_before(tmp_path, models):
+def test_bad_checkpoint_in_a_folder_is_found_before_any_image(tmp_path, models):
+    """Every checkpoint's header is read (and its memory forecast) before the first one renders."""
     folder = tmp_path / "ckpts"
     folder.mkdir()
     (folder / "step-000020.safetensors").write_bytes(models.early.read_bytes())
     (folder / "step-000100.safetensors").write_bytes(models.late.read_bytes()[:1000])
     out = tmp_path / "out"
     r = booth_cli("txt2img", "-c", folder, "-o", out, "-p", "x", "--hw", 16, 16, "--seed", 1, *FAST)
-    assert r.rc == 1 and "Traceback" not in r.err
-    assert r.err.splitlines()[-1].startswith("booth: error: ") and "step-000100" in r.err.splitlines()[-1]
-    assert r.paths == [out / "run0" / "samples" / "step-000020" / "0000.png"]
-    assert r.paths[0].is_file() and not (out / "run0" / "grid.png").exists()
+    assert_error(r, "step-000100", out=out)
 
 
 def test_bad_checkpoint_in_a_real_process(tmp_path, models):
@@ -590,7 +589,12 @@ def test_bad_checkpoint_in_a_real_process(tmp_path, models):
 BAD_ARGS = {
     "hw-not-multiple-of-8": (["--hw", "30", "32"], ["multiples of 8", "30x32"]),
     "hw-zero": (["--hw", "0", "16"], ["multiples of 8"]),
-    "steps-0": (["--steps", "0"], ["steps", "at least 1", "0"]),
+    "steps-0": (["--steps", "0"], ["--steps", "between 1 and 1000", "0"]),
+    "steps-huge": (["--steps", str(10**30)], ["--steps", "between 1 and 1000"]),
+    # the uniform schedule's spacing 1000 // steps would be 0: samplers then divide by zero
+    "uniform-steps-over-999": (["--schedule", "uniform", "--steps", "1000"], ["uniform", "at most 999"]),
+    "ddim-steps-over-999": (["--sampler", "ddim", "--steps", "1000"], ["uniform", "at most 999"]),
+    "uniform-steps-1500": (["--schedule", "uniform", "--steps", "1500"], ["--steps", "between 1 and 1000"]),
     "sampler": (["--sampler", "eular"], ["'eular'", "dpmpp_2m", "euler_a", "ddim"]),
     "schedule": (["--schedule", "cosine"], ["'cosine'", "karras", "uniform", "exponential"]),
     "variations-0": (["-v", "0"], ["--variations", "0"]),
@@ -712,18 +716,19 @@ def test_validation_happens_before_loading_weights(case, tmp_path, models, image
     def no_loading(*args, **kwargs):
         pytest.fail("weights were read before the arguments were validated")
 
-    for target in ("booth.checkpoint.read_checkpoint", "booth.render.read_checkpoint",
-                   "booth.checkpoint.read_safetensors", "booth.checkpoint.read_pickle"):  # fmt: skip
+    for target in ("booth.render.read_checkpoint", "booth.render.read_config", "booth.checkpoint.read_safetensors",
+                   "booth.checkpoint.read_pickle"):  # fmt: skip
         monkeypatch.setattr(target, no_loading)
     (tmp_path / "file").write_text("")
     bad = {
-        "hw": ["--hw", "30", "32"], "sampler": ["--sampler", "nope"], "schedule": ["--schedule", "nope"],
-        "steps": ["--steps", "0"], "variations": ["-v", "0"], "strength": ["-s", "2"], "device": ["-d", "tpu"],
-        "output": ["-o", str(tmp_path / "file" / "out")], "seed": ["--seed", "-1"],
-        "both-models": ["-m", str(models.early)],
+        "hw": (["--hw", "30", "32"], "multiples of 8"), "sampler": (["--sampler", "nope"], "unknown sampler"),
+        "schedule": (["--schedule", "nope"], "unknown schedule"), "steps": (["--steps", "0"], "--steps"),
+        "variations": (["-v", "0"], "--variations"), "strength": (["-s", "2"], "--strength"),
+        "device": (["-d", "tpu"], "unknown device"), "output": (["-o", str(tmp_path / "file" / "out")], "cannot write"),
+        "seed": (["--seed", "-1"], "--seed"), "both-models": (["-m", str(models.early)], "give the model once"),
     }[case]  # fmt: skip
-    r = _run_bad(bad, tmp_path, models, "img2img", ["-i", images["photo.jpg"][0]])
-    assert_error(r)
+    r = _run_bad(bad[0], tmp_path, models, "img2img", ["-i", images["photo.jpg"][0]])
+    assert_error(r, bad[1])
 
 
 # ----------------------------------------------------------------------------- out of memory, Ctrl-C
@@ -816,3 +821,126 @@ def test_txt2img_in_a_real_process(tmp_path, models):
     assert r.rc == 0, r.err
     assert r.out == "".join(f"{out / 'run0' / 'samples' / f'000{i}.png'}\n" for i in range(2))
     assert "Traceback" not in r.err and "booth: writing to" in r.err
+
+
+# ----------------------------------------------------------------------------- hostile input and faults
+
+
+def test_a_prompt_that_is_not_utf8(tmp_path, models):
+    """Bytes that are not UTF-8 on the command line reach Python as lone surrogates (PEP 383)."""
+    for flag in ("-p", "-n"):
+        argv = [sys.executable, "-m", "booth", "txt2img", "-c", str(models.single), "-o", str(tmp_path / "out"),
+                "-p", "x", *FAST]  # fmt: skip
+        argv[argv.index("-p") if flag == "-p" else len(argv) :] = [flag, b"a \xff\xfe fox"] + (
+            [] if flag == "-n" else argv[argv.index("-p") + 2 :]
+        )
+        p = subprocess.run([os.fsencode(a) if isinstance(a, str) else a for a in argv], capture_output=True,
+                           env=subprocess_env(tmp_path), cwd=tmp_path, timeout=120)  # fmt: skip
+        r = Result(p.returncode, p.stdout.decode(), p.stderr.decode(errors="replace"))
+        assert_error(r, "not valid UTF-8", out=tmp_path / "out")
+
+
+def test_an_output_path_component_longer_than_the_file_system_allows(tmp_path, models):
+    r = booth_cli("txt2img", "-c", models.single, "-o", tmp_path / ("x" * 300), "-p", "x", *FAST)
+    assert_error(r, "cannot use", "as an output folder")
+
+
+def test_weights_that_give_nan_are_an_error_not_a_black_image(tmp_path):
+    """A file with inf weights (written by another tool: booth refuses to write one) makes NaN latents."""
+    from safetensors.torch import save_file
+
+    sd = random_weights(TINY, seed=0).state_dict()
+    sd["model.diffusion_model.out.2.weight"][0, 0, 0, 0] = float("inf")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "broken.safetensors"))
+    r = booth_cli("txt2img", "-c", tmp_path / "broken.safetensors", "-o", tmp_path / "out", "-p", "x",
+                  "--hw", 16, 16, *FAST)  # fmt: skip
+    assert_failed(
+        r, "broken produced NaN or infinite latents", "weights are probably broken", out=tmp_path / "out"
+    )
+    assert not list(tmp_path.rglob("*.png"))
+
+
+def test_a_full_disk_while_writing_images(tmp_path, models, monkeypatch):
+    real_save = Image.Image.save
+
+    def full(self, fp, *args, **kwargs):
+        real_save(self, fp, *args, **kwargs)
+        raise OSError(28, "No space left on device", str(fp))
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    r = booth_cli("txt2img", "-c", models.single, "-o", tmp_path / "out", "-p", "x", "--hw", 16, 16, *FAST)
+    assert_failed(r, "the disk is full", "0000.png", "free some space", out=tmp_path / "out")
+
+
+def test_sizes_whose_memory_forecast_does_not_fit_are_refused(tmp_path, models, images):
+    """A 1024x1024 TINY image needs about 4 GB; 16384x16384 needs hundreds, more than any machine here has."""
+    for command, extra in (("txt2img", []), ("img2img", ["-i", images["photo.jpg"][0]])):
+        r = booth_cli(command, *extra, "-c", models.single, "-o", tmp_path / "out", "-p", "x", "--hw", 16384, 16384,
+                      *FAST)  # fmt: skip
+        assert_error(
+            r, "16384x16384 images in batches of 1 need about", "GB", "is free", "--hw", out=tmp_path / "out"
+        )
+
+
+def test_clip_skip_beyond_the_text_encoders_layers(tmp_path, models):
+    r = booth_cli("txt2img", "-c", models.single, "-o", tmp_path / "out", "-p", "x", "--hw", 16, 16,
+                  "--clip-skip", 3, *FAST)  # fmt: skip
+    assert_failed(r, "--clip-skip 3 is more than the 2 layers", out=tmp_path / "out")
+
+
+def test_stale_temporaries_of_killed_runs_are_removed(tmp_path, models):
+    """A kill -9 during a write leaves `.NAME.PID.XXXXXXXX.tmp`; the next run in that output folder removes the ones
+    whose process is gone and leaves a live writer's alone."""
+    samples = tmp_path / "out" / "run0" / "samples"
+    samples.mkdir(parents=True)
+    dead = samples / ".0003.png.99999999.abcd1234.tmp"  # above any pid_max: no such process
+    live = samples / f".0004.png.{os.getpid()}.abcd1234.tmp"
+    for p in (dead, live):
+        p.write_bytes(b"half a png")
+    r = booth_cli("txt2img", "-c", models.single, "-o", tmp_path / "out", "-p", "x", "--hw", 16, 16, *FAST)
+    assert r.rc == 0, r.err
+    assert not dead.exists() and live.exists()
+
+
+def test_ddim_without_a_schedule_runs_on_the_models_own_timesteps(tmp_path, models):
+    """The default schedule is `automatic`: ddim and plms on the uniform schedule (as diffusers' DDIM and the seed
+    tool), the others on Karras sigmas; args.yaml and each PNG record what was used."""
+    for sampler, schedule, label in (("ddim", "uniform", "Uniform"), ("euler", "karras", "Karras")):
+        out = tmp_path / sampler
+        r = booth_cli(
+            "txt2img", "-c", models.single, "-o", out, "-p", "x", "--hw", 16, 16, "--sampler", sampler, *FAST
+        )
+        assert r.rc == 0, r.err
+        assert parse_infotext(parameters(r.paths[0]))[2]["Schedule type"] == label
+        args = yaml.safe_load((out / "run0" / "args.yaml").read_text())
+        assert args["schedule"] == schedule and args["eta"] == (0.0 if sampler == "ddim" else None)
+
+
+@pytest.mark.parametrize("flag", ["-c", "-i"])
+def test_a_path_longer_than_the_file_system_allows(tmp_path, models, flag):
+    long = str(tmp_path / ("m" * 300 + ".safetensors"))
+    args = (
+        ["-c", long, "-i", str(tmp_path / "x.png")]
+        if flag == "-c"
+        else ["-c", str(models.single), "-i", long]
+    )
+    r = booth_cli("img2img", *args, "-o", tmp_path / "out", "-p", "x", *FAST)
+    assert_error(r, "m" * 50, out=tmp_path / "out")
+
+
+def test_a_million_variations_are_not_listed_up_front(tmp_path, models, monkeypatch):
+    """The seeds of each batch are made as they are needed: -v 10**12 stops at Ctrl-C, it does not fill memory."""
+    from booth.pipeline import StableDiffusion
+
+    calls = []
+
+    def stop_after_two(self, prompt, negative, seeds, settings, callback=None):
+        calls.append(seeds)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return [Image.new("RGB", (16, 16)) for _ in seeds]
+
+    monkeypatch.setattr(StableDiffusion, "txt2img", stop_after_two)
+    r = booth_cli("txt2img", "-c", models.single, "-o", tmp_path / "out", "-p", "x", "--hw", 16, 16, "-v", 10**12,
+                  "-b", 3, "--seed", 0, *FAST)  # fmt: skip
+    assert r.rc == 130 and calls == [[0, 1, 2], [3, 4, 5]]

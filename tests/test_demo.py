@@ -41,12 +41,14 @@ def prompts(n: int, seed: int = 0, held_out: bool = False) -> list[tuple[str, st
     return out
 
 
-def accuracy(demo, triples, sampler="dpmpp_2m", schedule="karras", seeds=(0, 1)):
+def accuracy(demo, triples, sampler="dpmpp_2m", seeds=(0, 1)):
+    """Shares of images whose colour, background and shape the judge reads as prompted (each sampler at its own
+    schedule and eta: Settings' defaults, as the CLI's)."""
     hits = {"color": 0, "background": 0, "shape": 0}
     n = 0
     for color, shape, background in triples:
         images = demo.txt2img(f"a {color} {shape} on a {background} background", seeds=list(seeds),
-                              settings=Settings(sampler=sampler, schedule=schedule))  # fmt: skip
+                              settings=Settings(sampler=sampler))  # fmt: skip
         for image in images:
             j = judge(image)
             hits["color"] += j.color == color
@@ -65,13 +67,7 @@ def test_it_follows_the_prompt(demo):
 
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_every_sampler_follows_the_prompt(demo, sampler):
-    acc = accuracy(
-        demo,
-        prompts(8, seed=1),
-        sampler=sampler,
-        schedule="uniform" if sampler in ("ddim", "plms") else "karras",
-        seeds=(0,),
-    )
+    acc = accuracy(demo, prompts(8, seed=1), sampler=sampler, seeds=(0,))
     assert acc["color"] >= 0.8 and acc["background"] >= 0.8, (sampler, acc)
     assert acc["shape"] > 0.5, (sampler, acc)
     print(f"{sampler}: {acc}")
@@ -186,7 +182,7 @@ def test_prior_preservation_keeps_the_class(demo, trained):
 def test_lora_dreambooth_learns_the_subject_and_keeps_the_class(demo, trained, tmp_path):
     """The same subject as a rank-8 LoRA (a 0.2 MB file) with prior preservation, applied over the demo. The prior
     gets weight 2: at 1 the adapters (300 steps, lr 1e-3) pulled `a star` towards the subject (share 0.18 -> 0.29)."""
-    from booth.lora import apply_loras, read_lora
+    from booth.lora import read_lora
 
     db = trained[1.0].parents[3]
     code = main(["dreambooth", "-m", "demo", "-c", "star", "-i", str(db / "subject"), "-o", str(tmp_path),
@@ -198,7 +194,7 @@ def test_lora_dreambooth_learns_the_subject_and_keeps_the_class(demo, trained, t
     prompt = "a sks star on a black background"
     before, class_before = (subject_likeness(demo.txt2img(p, seeds=SEEDS)) for p in (prompt, "a star"))
     lora = StableDiffusion.from_pretrained("demo")
-    apply_loras(lora, [(read_lora(path), 1.0)])
+    lora.set_loras([(read_lora(path), 1.0)])
     after, class_after = (subject_likeness(lora.txt2img(p, seeds=SEEDS)) for p in (prompt, "a star"))
     print(
         f"LoRA: subject likeness {before:.3f} -> {after:.3f}; 'a star' {class_before:.3f} -> {class_after:.3f}"

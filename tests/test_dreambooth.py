@@ -2,13 +2,23 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import diffusers_unet, interrupt_once_logged, ldm_original_config, perturb_norms, read_jsonl
+from helpers import (
+    diffusers_unet,
+    dreambooth_argv,
+    error_of,
+    interrupt_once_logged,
+    interrupt_when,
+    ldm_original_config,
+    perturb_norms,
+    read_jsonl,
+)
 
 from booth.checkpoint import UNET, read_checkpoint, save_checkpoint
 from booth.cli import main
@@ -31,7 +41,7 @@ def base(tmp_path_factory):
 
 
 def dreambooth(base, out, *args, expect=0):
-    code = main(["dreambooth", "-c", "dog", "-i", str(DOG), "-m", str(base), "-o", str(out), *FAST, *args])
+    code = main(dreambooth_argv(base, out, *FAST, *args))
     assert code == expect
     return out
 
@@ -65,10 +75,8 @@ def test_loss_matches_a_hand_computation():
 
 
 def test_min_snr_weights():
-    ac = torch.tensor([0.99, 0.5, 0.01])
-    snr = ac / (1 - ac)  # 99, 1, 0.0101
+    ac = torch.tensor([0.99, 0.5, 0.01])  # SNR = ac / (1 - ac): 99, 1, 0.0101
     assert torch.allclose(min_snr_weights(ac, 5.0), torch.tensor([5 / 99, 1.0, 1.0]))
-    assert snr[0] > 5
 
 
 def test_gradients_match_diffusers():
@@ -166,9 +174,9 @@ def test_resume_from_any_save_point_is_bitwise_identical(base, tmp_path):
     part = dreambooth(base, tmp_path / "part", "--iterations", "2", *common) / "run0"
     assert main(["dreambooth", "-r", str(part), "--iterations", "4"]) == 0
     assert main(["dreambooth", "-r", str(part), "--iterations", "6"]) == 0
-    for step in (2, 4, 6):
-        a, b = (unet_of(r / "ckpts" / f"step-{step:06d}.safetensors") for r in (whole, part))
-        assert all(torch.equal(a[k], b[k]) for k in a), f"step {step} differs"
+    for step in (2, 4, 6):  # the same bytes: the weights, and the metadata in a fixed order
+        a, b = (r / "ckpts" / f"step-{step:06d}.safetensors" for r in (whole, part))
+        assert a.read_bytes() == b.read_bytes(), f"step {step} differs"
     assert [r["step"] for r in metrics(part)] == list(range(1, 7))
     assert [r["loss"] for r in metrics(part)] == [r["loss"] for r in metrics(whole)]
     assert [p.name for p in (part / "state").iterdir()] == ["step-000006.pt"], "only the newest state is kept"
@@ -181,8 +189,7 @@ def env():
 def test_ctrl_c_saves_a_state_and_resume_finishes_identically(base, tmp_path):
     args = ["--save-precision", "fp32", "--learning-rate", "1e-3", "--iterations", "40", "-l", "0"]
     whole = dreambooth(base, tmp_path / "whole", *args) / "run0"
-    cmd = [sys.executable, "-m", "booth", "dreambooth", "-c", "dog", "-i", str(DOG), "-m", str(base),
-           "-o", str(tmp_path / "cut"), *FAST, *args]  # fmt: skip
+    cmd = [sys.executable, "-m", "booth", *dreambooth_argv(base, tmp_path / "cut", *FAST, *args)]
     code, err = interrupt_once_logged(cmd, tmp_path / "cut" / "run0" / "metrics.jsonl", timeout=120)
     assert code == 130, err
     assert "continue with: booth dreambooth -r" in err and "Traceback" not in err
@@ -194,26 +201,59 @@ def test_ctrl_c_saves_a_state_and_resume_finishes_identically(base, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_crash_during_a_save_keeps_earlier_files(base, tmp_path, monkeypatch, capsys):
-    import booth.checkpoint
+TORCH_DISK_FULL = "[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0: file write failed"
 
+
+def full_disk(monkeypatch, where: str) -> None:
+    """Make one of the writes a run does fail as it does on a full disk: the checkpoint (booth's safetensors writer,
+    an OSError), the training state (torch.save, a RuntimeError that does not say why), or the metrics log."""
+    if where == "checkpoint":
+
+        def write(tensors, filename, metadata=None):
+            Path(filename).write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr("booth.checkpoint.write_safetensors", write)
+    elif where == "state":
+
+        def save(obj, f):
+            Path(f).write_bytes(b"partial")
+            raise RuntimeError(TORCH_DISK_FULL)
+
+        monkeypatch.setattr("booth.train.torch.save", save)
+        monkeypatch.setattr(
+            "booth.atomic.shutil.disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0)
+        )
+    else:
+        real = open
+
+        def full_open(file, mode="r", *a, **k):
+            if str(file).endswith("metrics.jsonl") and "a" in mode:
+                f = real(file, mode, *a, **k)
+                f.write('{"step": 3, "loss": 0.1')  # a torn line, as a full disk leaves it
+                f.close()
+                raise OSError(28, "No space left on device")
+            return real(file, mode, *a, **k)
+
+        monkeypatch.setattr("builtins.open", full_open)
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "state", "metrics"])
+def test_a_full_disk_keeps_earlier_files_and_resume_carries_on(base, tmp_path, monkeypatch, capsys, where):
     run = dreambooth(base, tmp_path, "--iterations", "2", "-s", "2") / "run0"
     before = (run / "ckpts" / "step-000002.safetensors").read_bytes()
-    real = booth.checkpoint.save_file if hasattr(booth.checkpoint, "save_file") else None
-    del real
-
-    def disk_full(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"partial")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr("safetensors.torch.save_file", disk_full)
+    full_disk(monkeypatch, where)
     assert main(["dreambooth", "-r", str(run), "--iterations", "4"]) == 1
-    assert "No space left on device" in capsys.readouterr().err
+    message = error_of(capsys)
+    assert "the disk is full" in message and f"continue with booth dreambooth -r {run}" in message, message
     monkeypatch.undo()
-    assert sorted(p.name for p in (run / "ckpts").iterdir()) == ["step-000002.safetensors"]
+    assert sorted(p.name for p in (run / "ckpts").iterdir()) == ["step-000002.safetensors"] + (
+        ["step-000004.safetensors"] if where == "state" else []
+    )
     assert (run / "ckpts" / "step-000002.safetensors").read_bytes() == before
-    assert sorted(p.name for p in (run / "state").iterdir()) == ["step-000002.pt"]
+    assert sorted(p.name for p in (run / "state").iterdir()) == ["step-000002.pt"], "no temporary left behind"
     assert main(["dreambooth", "-r", str(run), "--iterations", "4"]) == 0  # and it carries on
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4], "the torn line and the redone steps are gone"
 
 
 def test_nan_loss_stops_with_a_clear_message(base, tmp_path, monkeypatch, capsys):
@@ -289,13 +329,6 @@ def test_two_processes_equal_one_with_twice_the_batch(base, tmp_path):
 # ----------------------------------------------------------------------------- bad input
 
 
-def error_of(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("booth: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
 def test_bad_instance_folders(base, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "junk").mkdir()
@@ -350,12 +383,8 @@ def test_non_images_are_skipped_with_a_warning(base, tmp_path, capsys):
 def test_bad_flags_fail_before_loading(base, tmp_path, capsys, monkeypatch, args, message):
     if "adamw8bit" in args and __import__("importlib").util.find_spec("bitsandbytes"):
         pytest.skip("bitsandbytes is installed")
-    monkeypatch.setattr(
-        "booth.checkpoint.read_checkpoint", lambda *a, **k: pytest.fail("weights were loaded")
-    )
-    code = main(
-        ["dreambooth", "-c", "dog", "-i", str(DOG), "-m", str(base), "-o", str(tmp_path / "o"), *FAST, *args]
-    )
+    monkeypatch.setattr("booth.train.read_checkpoint", lambda *a, **k: pytest.fail("weights were loaded"))
+    code = main(dreambooth_argv(base, tmp_path / "o", *FAST, *args))
     assert code in (1, 2) and message in error_of(capsys)
 
 
@@ -363,7 +392,7 @@ def test_run_folder_errors(base, tmp_path, capsys):
     out = tmp_path / "o"
     run = dreambooth(base, out, "--iterations", "2", "-l", "0") / "run0"
     # an existing run folder given as -o, without -r
-    assert main(["dreambooth", "-c", "dog", "-i", str(DOG), "-m", str(base), "-o", str(run), *FAST]) == 1
+    assert main(dreambooth_argv(base, run, *FAST)) == 1
     assert f"resume it with -r {run}" in error_of(capsys)
     # fewer iterations than already done
     assert main(["dreambooth", "-r", str(run), "--iterations", "1"]) == 1
@@ -383,23 +412,7 @@ def test_run_folder_errors(base, tmp_path, capsys):
     assert "-c" in error_of(capsys)
     # unwritable output
     (tmp_path / "file").write_text("x")
-    assert (
-        main(
-            [
-                "dreambooth",
-                "-c",
-                "dog",
-                "-i",
-                str(DOG),
-                "-m",
-                str(base),
-                "-o",
-                str(tmp_path / "file" / "o"),
-                *FAST,
-            ]
-        )
-        == 1
-    )
+    assert main(dreambooth_argv(base, tmp_path / "file" / "o", *FAST)) == 1
     assert "cannot write" in error_of(capsys)
 
 
@@ -557,3 +570,136 @@ def test_fine_tuning_uses_the_base_models_training_noise(tmp_path, monkeypatch):
     seen.clear()
     # 0 is white noise; the fine-tuned file still records the base model's own
     assert trained_with("white", "--pyramid-noise", "0") == (0.0, 0.3) and seen == []
+
+
+# ----------------------------------------------------------------------------- hostile input and faults
+
+
+def finite_checkpoints(run: Path) -> list[str]:
+    """Names of the run's checkpoints; each is asserted to hold only finite weights."""
+    names = []
+    for path in sorted((run / "ckpts").glob("*.safetensors")) if (run / "ckpts").exists() else []:
+        assert all(torch.isfinite(v.float()).all() for v in read_checkpoint(path).state_dict.values()), path
+        names.append(path.name)
+    return names
+
+
+@pytest.mark.parametrize("lr", ["1e6", "1e30"])
+def test_weights_that_overflow_fp16_are_never_saved_nor_called_good(base, tmp_path, capsys, lr):
+    """The loss is finite, but the updated weights are beyond fp16's 65504: the fp16 checkpoint would be all inf."""
+    run = dreambooth(base, tmp_path, "--iterations", "3", "-s", "1", "--learning-rate", lr, "-l", "0",
+                     expect=1) / "run0"  # fmt: skip
+    err = error_of(capsys)
+    assert "stopping at step 1: the weights do not fit in the checkpoint's dtype" in err, err
+    assert "not written yet" in err and "--save-precision fp32" in err
+    assert finite_checkpoints(run) == [] and not list((run / "state").glob("*.pt"))
+
+
+def test_weights_that_become_inf_are_never_saved_nor_called_good(base, tmp_path, capsys, monkeypatch):
+    real = torch.optim.AdamW.step
+    steps = []
+
+    def step(self, *a, **k):
+        out = real(self, *a, **k)
+        steps.append(1)
+        if len(steps) == 2:
+            self.param_groups[0]["params"][0].data[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    run = dreambooth(base, tmp_path, "--iterations", "3", "-s", "1", "-l", "0", "--save-precision", "fp32",
+                     expect=1) / "run0"  # fmt: skip
+    err = error_of(capsys)
+    assert "stopping at step 2: the weights became inf or NaN" in err, err
+    assert f"The last good checkpoint is {run / 'ckpts' / 'step-000001.safetensors'}" in err
+    assert finite_checkpoints(run) == ["step-000001.safetensors"]
+    assert [p.name for p in (run / "state").glob("*.pt")] == ["step-000001.pt"]
+
+
+def test_a_run_stopped_while_making_class_images_resumes_and_keeps_them(base, tmp_path):
+    """Ctrl-C during class-image generation: -r makes only the missing ones, then trains."""
+    cls = tmp_path / "o" / "run0" / "class-imgs"
+    more = ["--class-img-count", "300", "--gb", "1", "--iterations", "1"]
+    cmd = [sys.executable, "-m", "booth", *dreambooth_argv(base, tmp_path / "o", *FAST, *more)]
+    code, err = interrupt_when(cmd, lambda: cls.is_dir() and len(list(cls.glob("0*.png"))) >= 3)
+    assert code == 130, err
+    assert f"stopped while making class images; continue with: booth dreambooth -r {cls.parent}" in err
+    made = {p.name: p.read_bytes() for p in cls.glob("0*.png")}
+    assert 3 <= len(made) < 300
+    assert main(["dreambooth", "-r", str(cls.parent)]) == 0
+    assert len(list(cls.glob("0*.png"))) == 300
+    assert all((cls / n).read_bytes() == b for n, b in made.items()), (
+        "the images it had are kept as they were"
+    )
+    assert (cls.parent / "ckpts" / "step-000001.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-m", "missing.safetensors"], "checkpoint not found"),
+        (["-m", "someone/not-downloaded"], "or pass -m with a local checkpoint file"),
+        (["--seed", str(2**64)], "--seed must be between 0 and"),
+        (["--class-dir", "FILE"], "is a file; give a folder"),
+        (["--class-img-count", "0"], "--class-img-count 0 leaves prior preservation no class images"),
+    ],
+)
+def test_bad_input_is_refused_before_a_run_folder_is_made(base, tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "FILE").write_text("not a folder")
+    argv = dreambooth_argv(base, tmp_path / "o", *FAST, *args)
+    assert main(argv) == 1
+    assert message in error_of(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_damaged_run_folder_is_a_one_line_error(base, tmp_path, capsys):
+    run = dreambooth(base, tmp_path, "--iterations", "2", "-l", "0") / "run0"
+    args = (run / "args.yaml").read_text()
+    (run / "args.yaml").write_text("hw: [32, 32\nseed: 3\n")
+    assert main(["dreambooth", "-r", str(run), "--iterations", "3"]) == 1
+    assert "cannot read" in (err := error_of(capsys)) and "args.yaml: it is not valid YAML at line" in err
+    (run / "args.yaml").write_bytes(b"\xff\xfe not text")
+    assert main(["dreambooth", "-r", str(run), "--iterations", "3"]) == 1
+    assert "it is not UTF-8 text" in error_of(capsys)
+    (run / "args.yaml").write_text(args)
+    state = run / "state" / "step-000002.pt"
+    torch.save(
+        {"format": 1, "step": 2, "task": {"unet": {}}, "optimizer": {}, "scaler": {}, "rng": {}}, state
+    )
+    assert main(["dreambooth", "-r", str(run), "--iterations", "3"]) == 1
+    assert f"{state} does not fit this run" in error_of(capsys)
+    torch.save({"format": 1, "step": "two"}, state)
+    assert main(["dreambooth", "-r", str(run), "--iterations", "3"]) == 1
+    assert "is not a complete booth training state" in error_of(capsys)
+
+
+def test_stale_temporaries_are_removed_when_a_run_resumes(base, tmp_path):
+    run = dreambooth(base, tmp_path, "--iterations", "2", "-l", "0") / "run0"
+    dead = [run / "state" / ".step-000004.pt.99999999.abcd1234.tmp",
+            run / "ckpts" / ".step-000004.safetensors.99999999.abcd1234.tmp"]  # fmt: skip
+    for p in dead:
+        p.write_bytes(b"\0" * 1000)  # what a kill -9 during a save leaves
+    assert main(["dreambooth", "-r", str(run), "--iterations", "3"]) == 0
+    assert not any(p.exists() for p in dead)
+
+
+def test_two_processes_cannot_train_in_one_run_folder(base, tmp_path, capsys):
+    from booth.atomic import locked
+
+    run = dreambooth(base, tmp_path, "--iterations", "2", "-l", "0") / "run0"
+    with locked(run, "a test"):
+        assert main(["dreambooth", "-r", str(run), "--iterations", "3"]) == 1
+        assert f"{run} is in use by booth process {os.getpid()}" in error_of(capsys)
+    assert main(["dreambooth", "-r", str(run), "--iterations", "3"]) == 0
+
+
+def test_training_from_python_runs_the_same_checks(base, tmp_path, monkeypatch):
+    from booth.errors import BoothError
+    from booth.train import TrainConfig, train
+
+    monkeypatch.setattr("booth.train.read_checkpoint", lambda *a, **k: pytest.fail("weights were loaded"))
+    cfg = TrainConfig(class_name="dog", instance_dir=str(DOG), model=str(base), lr_schedule="linear")
+    with pytest.raises(BoothError, match="unknown --lr-schedule 'linear'"):
+        train(cfg, tmp_path / "o")
+    assert not (tmp_path / "o").exists()

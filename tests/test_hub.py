@@ -403,3 +403,27 @@ def test_diffusers_file_preference():
         "vae/config.json",
         "unet weights",
     ]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        ["download", "someone/files", "../../etc/passwd.ckpt"],
+        ["download", "someone/files", "/abs/model.safetensors"],
+        ["download", "sd15", "a//b.safetensors"],
+        ["download", "https://huggingface.co/o/n/resolve/main/../../x.safetensors"],
+        ["resolve", "https://huggingface.co/o/n/resolve/../x.safetensors"],
+        ["resolve", "o/n/sub/../../x.safetensors"],
+    ],
+)
+def test_a_path_that_leaves_the_repo_is_refused_before_the_network(call):
+    """huggingface_hub raises its own exception for `..` in a file name; booth says what is wrong first."""
+    func, *args = call
+    with pytest.raises(BoothError, match="not a file name inside a Hub repo|is not a revision"):
+        getattr(hub, func)(*args)
+
+
+def test_the_offline_hint_names_the_commands_own_model_flag():
+    for flag in ("-c", "-m"):
+        with pytest.raises(BoothError, match=f"or pass {flag} with a local checkpoint file"):
+            hub.find("someone/not-downloaded", flag)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import diffusers_pipeline, perturb_norms
+from helpers import diffusers_pipeline, dreambooth_argv, error_of, perturb_norms
 from PIL import Image
 
 from booth.checkpoint import UNET, read_checkpoint, read_safetensors, save_checkpoint
@@ -256,21 +256,24 @@ def test_merge_command_equals_the_loras_stacked_in_diffusers(model, base, tmp_pa
 
 
 def dreambooth(base, out, *args, expect=0):
-    code = main(["dreambooth", "-c", "dog", "-i", str(DOG), "-m", str(base), "-o", str(out), *FAST, *args])
+    code = main(dreambooth_argv(base, out, *FAST, *args))
     assert code == expect
     return out / "run0"
 
 
 def test_lora_dreambooth_learns_and_leaves_the_base_alone(base, model, tmp_path):
-    from booth.train import Dist, DreamBooth, TrainConfig, fit
+    from booth.train import Batches, Dist, DreamBooth, TrainConfig, class_images, fit, image_sets, load_base
 
     cfg = TrainConfig(class_name="dog", instance_dir=str(DOG), model=str(base), lora=8, lora_targets="all",
                       lora_text_encoder=True, learning_rate=3e-3, lamb=0, iterations=40, hw=(32, 32), batch_size=2,
                       random_resize=False, color_jitter=False, seed=3)  # fmt: skip
-    run = tmp_path / "run"
+    run, dist = tmp_path / "run", Dist()
     run.mkdir()
-    task = DreamBooth(cfg, run, Dist())
-    fit(task, cfg, run, Dist())
+    # train() step by step, to look at the task's modules afterwards
+    base_model = load_base(cfg, base, dist)
+    batches = Batches(cfg, image_sets(cfg, class_images(cfg, run, base_model, dist)), base_model, dist)
+    task = DreamBooth(cfg, base_model, batches, dist)
+    fit(task, cfg, run, dist)
     m = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     first, last = (sum(r["instance_loss"] for r in rows) / len(rows) for rows in (m[:8], m[-8:]))
     assert last < 0.8 * first, (first, last)
@@ -299,12 +302,9 @@ def test_resume_gives_a_bitwise_identical_lora(base, tmp_path):
     part = dreambooth(base, tmp_path / "part", "--iterations", "2", *common)
     assert main(["dreambooth", "-r", str(part), "--iterations", "4"]) == 0
     assert main(["dreambooth", "-r", str(part), "--iterations", "6"]) == 0
-    for step in (2, 4, 6):  # (safetensors orders header metadata at random: compare contents, not bytes)
+    for step in (2, 4, 6):  # the same bytes: tensors, and metadata written in a fixed order
         name = f"step-{step:06d}.safetensors"
-        (a, meta_a), (b, meta_b) = (read_safetensors(r / "ckpts" / name) for r in (whole, part))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-        recipe = lambda meta: {k: v for k, v in meta.items() if k != "booth.train"}  # noqa: E731 (it has --iterations)
-        assert recipe(meta_a) == recipe(meta_b)
+        assert (whole / "ckpts" / name).read_bytes() == (part / "ckpts" / name).read_bytes(), name
     state = torch.load(part / "state" / "step-000006.pt", weights_only=True)
     n_layers = len(read_lora(part / "ckpts" / "step-000006.safetensors").layers)
     assert set(state["task"]) == {"lora", "data"} and len(state["task"]["lora"]) == 2 * n_layers
@@ -409,13 +409,6 @@ def test_sd1_lora_file_sizes(tmp_path):
 # ----------------------------------------------------------------------------- bad input
 
 
-def error_of(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("booth: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
 def test_bad_lora_files(model, base, tmp_path, capsys, monkeypatch):
     wide = random_weights(TINY.__class__(unet=UNetConfig(model_channels=64, channel_mult=(1, 2), attention_resolutions=(2,),
                                                           num_heads=8, context_dim=128), vae=TINY.vae, clip=TINY.clip))  # fmt: skip
@@ -426,11 +419,25 @@ def test_bad_lora_files(model, base, tmp_path, capsys, monkeypatch):
                     tmp_path / "xl.safetensors")  # fmt: skip
     save_checkpoint({"lora_unet_conv_in.lora_down.weight": torch.zeros(4, 8)}, tmp_path / "half.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    key = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_checkpoint({f"{key}.lora_down.weight": torch.zeros(0, 32), f"{key}.lora_up.weight": torch.zeros(32, 0)},
+                    tmp_path / "rank0.safetensors")  # fmt: skip
+    save_checkpoint({f"{key}.lora_down.weight": torch.zeros(4, 32), f"{key}.lora_up.weight": torch.zeros(32, 4),
+                     f"{key}.alpha": torch.zeros(0)}, tmp_path / "noalpha.safetensors")  # fmt: skip
+    peft = {f"unet.{key[10:].replace('_', '.')}.lora_A.weight": torch.zeros(4, 32),
+            f"unet.{key[10:].replace('_', '.')}.lora_B.weight": torch.zeros(32, 4)}  # fmt: skip
+    for name, meta in (("peft-json", "{not json"), ("peft-list", "[1, 2]"), ("peft-alpha", '{"unet.lora_alpha": "x"}'),
+                       ("peft-pattern", '{"unet.alpha_pattern": {"(": 4}}')):  # fmt: skip
+        save_checkpoint(peft, tmp_path / f"{name}.safetensors", metadata={"lora_adapter_metadata": meta})
+    (tmp_path / "folder.safetensors").mkdir()
     cases = {"wide.safetensors": "does not fit this model", "loha.safetensors": "unknown key layout",
              "xl.safetensors": "this model does not have", "half.safetensors": "has no up weight",
              "junk.safetensors": "not a valid safetensors file", "missing.safetensors": "LoRA not found",
              "wide.safetensors:11": "out of range", "wide.safetensors:nan": "out of range",
-             "wide.safetensors:-10.5": "out of range"}  # fmt: skip
+             "wide.safetensors:-10.5": "out of range", "rank0.safetensors": "has rank 0",
+             "noalpha.safetensors": "alpha is not one finite number",
+             **{f"peft-{k}.safetensors": "malformed peft metadata" for k in ("json", "list", "alpha", "pattern")},
+             "folder.safetensors": "LoRA not found"}  # fmt: skip
     monkeypatch.chdir(tmp_path)
     for spec, message in cases.items():
         assert main(["txt2img", "-m", str(base), "--lora", spec, *IMG, "-o", str(tmp_path / "o")]) == 1
@@ -446,6 +453,11 @@ def test_lora_where_a_model_is_expected(model, base, tmp_path, capsys):
                  ["dreambooth", "-c", "dog", "-i", str(DOG), "-m", str(lora), *FAST]):  # fmt: skip
         assert main([*argv, *(["-o", str(tmp_path / "o")] if argv[0] != "merge" else [])]) == 1
         assert f"is a LoRA (adapter weights), not a full model: give a base model here and the LoRA with --lora {lora}" in error_of(capsys)  # fmt: skip
+
+
+def test_a_model_where_a_lora_is_expected(base, tmp_path, capsys):
+    assert main(["merge", "-m", str(base), "--lora", str(base), "-o", str(tmp_path / "m.safetensors")]) == 1
+    assert f"{base} is a full model, not a LoRA: give it as the model (-m)" in error_of(capsys)
 
 
 def test_merge_refuses_to_overwrite(model, base, tmp_path, capsys):
@@ -466,30 +478,37 @@ def test_merge_refuses_to_overwrite(model, base, tmp_path, capsys):
         (["--lora-alpha", "2"], "--lora-alpha only apply with --lora RANK"),
         (["--lora-targets", "all", "--lora-text-encoder"], "--lora-targets, --lora-text-encoder only apply"),
         (["--lora", "4", "-t"], "with --lora use --lora-text-encoder"),
-        (["--lora", "0"], "--lora (the rank) must be at least 1"),
+        (["--lora", "0"], "--lora (the rank) must be between 1 and 4096"),
         (["--lora", "4", "--lora-alpha", "0"], "--lora-alpha must be a positive"),
         (["--lora", "4", "--lora-targets", "everything"], "invalid choice"),
     ],
 )
 def test_bad_lora_training_flags(base, tmp_path, capsys, monkeypatch, args, message):
-    monkeypatch.setattr(
-        "booth.checkpoint.read_checkpoint", lambda *a, **k: pytest.fail("weights were loaded")
-    )
-    argv = [
-        "dreambooth",
-        "-c",
-        "dog",
-        "-i",
-        str(DOG),
-        "-m",
-        str(base),
-        "-o",
-        str(tmp_path / "o"),
-        *FAST,
-        *args,
-    ]
+    monkeypatch.setattr("booth.train.read_checkpoint", lambda *a, **k: pytest.fail("weights were loaded"))
+    argv = dreambooth_argv(base, tmp_path / "o", *FAST, *args)
     try:
         code = main(argv)
     except SystemExit as e:  # argparse's own errors (an invalid choice) exit from the parser
         code = e.code
     assert code in (1, 2) and message in capsys.readouterr().err
+
+
+def test_an_unreadable_lora_file(model, base, tmp_path, capsys, monkeypatch):
+    """What a chmod 000 file gives a non-root user, simulated so that it runs as root too."""
+    lora, _ = random_lora(model, tmp_path / "locked.safetensors")
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("booth.lora.read_safetensors", denied)
+    assert main(["txt2img", "-m", str(base), "--lora", str(lora), *IMG, "-o", str(tmp_path / "o")]) == 1
+    assert "cannot read the LoRA" in (err := error_of(capsys)) and "Permission denied" in err
+
+
+def test_merge_never_overwrites_its_own_inputs(model, base, tmp_path, capsys):
+    lora, _ = random_lora(model, tmp_path / "l.safetensors")
+    before = {p: p.read_bytes() for p in (lora, base)}
+    for target in (lora, base):
+        assert main(["merge", "-m", str(base), "--lora", f"{lora}:0.5", "-o", str(target), "--force"]) == 1
+        assert "is one of the merge's inputs" in error_of(capsys)
+    assert all(p.read_bytes() == b for p, b in before.items())

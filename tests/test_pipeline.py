@@ -10,6 +10,7 @@ from booth.checkpoint import read_checkpoint, save_checkpoint
 from booth.cli import main
 from booth.config import TINY
 from booth.model import random_weights
+from booth.options import SAMPLERS
 from booth.pipeline import Settings, StableDiffusion
 
 PROMPT, NEGATIVE = "a photo of a red circle on a blue background", "blurry"
@@ -121,6 +122,42 @@ def test_cli_img2img_matches_diffusers(weights, reference, tmp_path):
     _, theirs, init = reference
     init.save(tmp_path / "init.png")
     args = ["-i", str(tmp_path / "init.png"), "-s", "0.6", "-p", PROMPT, "-n", NEGATIVE, "--steps", str(STEPS),
-            "--sampler", "ddim", "--schedule", "uniform", "--seed", str(SEED), "-v", "2", "-c", str(weights[0])]  # fmt: skip
+            "--sampler", "ddim", "--seed", str(SEED), "-v", "2", "-c", str(weights[0]), "--hw", "32", "32"]  # fmt: skip
     assert main(["img2img", "-o", str(tmp_path / "out"), *args]) == 0
     assert_same_images(read_run(tmp_path / "out"), theirs)
+
+
+def test_ddim_without_a_schedule_gives_diffusers_ddim_images(weights, reference, tmp_path, capsys):
+    """`automatic` picks each sampler's own schedule: ddim runs on the model's own timesteps, as diffusers does."""
+    sd = StableDiffusion(weights[1])
+    images = sd.txt2img(PROMPT, NEGATIVE, seeds=[SEED, SEED + 1], settings=Settings(steps=STEPS, sampler="ddim",
+                                                                                     height=32, width=48))  # fmt: skip
+    assert_same_images(images, reference[0])
+    out = tmp_path / "out"
+    assert main(["txt2img", "-c", str(weights[0]), "-o", str(out), "-p", PROMPT, "-n", NEGATIVE, "--hw", "32", "48",
+                 "--steps", str(STEPS), "--sampler", "ddim", "--seed", str(SEED), "-v", "2", "-d", "cpu"]) == 0  # fmt: skip
+    assert_same_images(read_run(out), reference[0])
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_the_api_and_the_cli_give_the_same_image_for_every_sampler(weights, tmp_path, capsys, sampler):
+    """The same defaults (schedule, eta) reach the sampler whichever way it is called."""
+    sd = StableDiffusion.from_pretrained(str(weights[0]))
+    api = sd.txt2img(PROMPT, NEGATIVE, seeds=[SEED], steps=4, sampler=sampler, height=16, width=24)
+    out = tmp_path / "out"
+    assert main(["txt2img", "-c", str(weights[0]), "-o", str(out), "-p", PROMPT, "-n", NEGATIVE, "--hw", "16", "24",
+                 "--steps", "4", "--sampler", sampler, "--seed", str(SEED), "-d", "cpu"]) == 0  # fmt: skip
+    assert np.array_equal(np.asarray(api[0]), np.asarray(read_run(out)[0]))
+
+
+def test_the_stochastic_samplers_draw_noise_through_the_api(weights):
+    """euler_a and dpmpp_2m_sde default to eta 1 from the API as from the CLI (they were plain euler and
+    dpmpp_2m there)."""
+    sd = StableDiffusion(weights[1])
+    run = lambda **kw: pixels(sd.txt2img(PROMPT, seeds=[SEED], steps=4, height=16, width=16, **kw))  # noqa: E731
+    for noisy, plain in (("euler_a", "euler"), ("dpmpp_2m_sde", "dpmpp_2m")):
+        assert np.array_equal(run(sampler=noisy), run(sampler=noisy, eta=1.0))
+        assert not np.array_equal(run(sampler=noisy), run(sampler=noisy, eta=0.0))
+        assert np.allclose(
+            run(sampler=noisy, eta=0.0), run(sampler=plain, schedule="karras"), atol=1 / 255
+        ), noisy

@@ -1,0 +1,464 @@
+"""What a run is asked to do, as plain dataclasses with their own `validate()`: how to sample (`Settings`), a
+render job (`Job`), the training loop (`Loop`), the training noise (`Noise`), DreamBooth (`TrainConfig`) and the
+demo model's recipe (`DemoRecipe`), plus the catalogue of samplers and schedules.
+
+Each default and each rule lives here once: the `booth` command builds its flags from these dataclasses and calls
+the same `validate()` as the Python API. Nothing here imports torch, so `booth --help` and a mistyped flag answer
+at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import yaml
+
+from .errors import BoothError
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler's facts; its code is `booth.sampling.SAMPLERS[name]`."""
+
+    label: str  # AUTOMATIC1111's name, written into the PNG metadata
+    schedule: str  # the sigma schedule `automatic` picks for it
+    eta: float | None = None  # its default noise; None: it has no noise term
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether it draws fresh noise at its default eta."""
+        return bool(self.eta)
+
+
+SAMPLERS = {
+    "ddim": Sampler("DDIM", "uniform", eta=0.0),
+    "plms": Sampler("PLMS", "uniform"),
+    "euler": Sampler("Euler", "karras"),
+    "euler_a": Sampler("Euler a", "karras", eta=1.0),
+    "heun": Sampler("Heun", "karras"),
+    "lms": Sampler("LMS", "karras"),
+    "dpmpp_2m": Sampler("DPM++ 2M", "karras"),
+    "dpmpp_2m_sde": Sampler("DPM++ 2M SDE", "karras", eta=1.0),
+}
+# Sigma schedule -> AUTOMATIC1111's "Schedule type"; `automatic` is each sampler's own (Sampler.schedule).
+SCHEDULES = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras", "exponential": "Exponential"}
+TRAIN_TIMESTEPS = 1000  # every SD family is trained on 1000 discrete timesteps
+MAX_STEPS = TRAIN_TIMESTEPS  # more sampling steps than training timesteps only repeat work
+PRECISIONS = ("fp32", "fp16", "bf16", "full", "autocast")  # full and autocast: the seed tool's names
+SAVE_PRECISIONS = ("fp16", "fp32")
+OPTIMIZERS = ("adamw", "adamw8bit")
+LR_SCHEDULES = ("constant", "cosine")
+# LoRA targets: module paths (regexes under the UNet) each `--lora-targets` choice adapts. `all` is LoCon-style: the
+# rest of the UNet's Linear and Conv2d layers except conv_in and conv_out (kohya's conv_dim covers ResBlocks and the
+# resamplers; the time embedding is added because diffusers and A1111 load it too).
+_ATTN = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+_FF = r"ff\.net\.(0\.proj|2)"
+_REST = (
+    r"proj_in|proj_out|in_layers\.2|out_layers\.3|skip_connection|emb_layers\.1|op|\d\.conv|time_embed\.[02]"
+)
+LORA_TARGETS = {"attn": (_ATTN,), "attn-ff": (_ATTN, _FF), "all": (_ATTN, _FF, _REST)}
+DREAMBOOTH_LEARNING_RATE = 5e-6  # diffusers' published DreamBooth recipe
+LORA_LEARNING_RATE = 1e-4  # diffusers' LoRA DreamBooth recipe; adapters start at zero and need larger steps
+FLOAT32_MAX = 3.4e38  # optimizers keep the learning rate in float32
+MAX_SEED = 2**64 - 1  # torch generators take seeds below 2**64
+MAX_TRAIN_SEED = 2**63 - 1  # training derives further seeds from it (class images: seed + 1e6 + i)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_text(name: str, text: str) -> None:
+    """Prompts reach the tokenizer as UTF-8; text from invalid UTF-8 arguments holds lone surrogates."""
+    if not isinstance(text, str):
+        raise BoothError(f"{name} must be text (got {type(text).__name__})")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BoothError(
+            f"{name} is not valid UTF-8 text; check the encoding of your terminal or file"
+        ) from None
+
+
+def check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BoothError(f"{name} must be a whole number (got {value!r})")
+    if value < low or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise BoothError(f"{name} must be {bounds} (got {value})")
+
+
+def check_number(
+    name: str, value: object, low: float = 0.0, high: float = math.inf, open_low: bool = False
+) -> None:
+    """A finite number in [low, high] (or (low, high] with `open_low`)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BoothError(f"{name} must be a finite number (got {value!r})")
+    if value < low or value > high or (open_low and value == low):
+        if open_low and low == 0:
+            most = f" of at most {high:g}" if high < math.inf else ""
+            raise BoothError(f"{name} must be a positive number{most} (got {value})")
+        if high < math.inf:
+            raise BoothError(f"{name} must be between {low:g} and {high:g} (got {value})")
+        kind = "non-negative" if low == 0 else f">= {low:g}"
+        raise BoothError(f"{name} must be a {kind} number (got {value})")
+
+
+def check_choice(name: str, value: object, choices) -> None:
+    if value not in choices:
+        raise BoothError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def check_strength(strength: float) -> None:
+    """img2img's strength: how much of the schedule is re-run, 0 (keep the image) to 1 (repaint it)."""
+    check_number("--strength", strength, 0.0, 1.0)
+
+
+def check_size(height: int | None, width: int | None) -> None:
+    for value in (height, width):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8
+        ):
+            raise BoothError(f"height and width must be positive multiples of 8 (got {height}x{width})")
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@dataclass
+class Settings:
+    """How to sample; the defaults are booth's (`sampler="plms", steps=50` are the seed tool's)."""
+
+    steps: int = 25
+    sampler: str = "dpmpp_2m"
+    schedule: str = "automatic"  # each sampler's own: uniform for ddim and plms, karras for the rest
+    scale: float = 7.5  # classifier-free guidance; 1 turns it off
+    eta: float | None = None  # None: the sampler's own (0 for ddim, 1 for euler_a and dpmpp_2m_sde)
+    height: int | None = None  # None: the model's own size (config.sample_size: 512 for SD1)
+    width: int | None = None
+    clip_skip: int = 1
+
+    def validate(self) -> None:
+        check_choice("sampler", self.sampler, SAMPLERS)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_int("--steps", self.steps, 1, MAX_STEPS)
+        if self.resolved().schedule == "uniform" and self.steps >= TRAIN_TIMESTEPS:
+            raise BoothError(
+                f"the uniform schedule takes at most {TRAIN_TIMESTEPS - 1} steps (got {self.steps}); "
+                "give fewer --steps or --schedule karras"
+            )
+        check_size(self.height, self.width)
+        check_number("--scale", self.scale)
+        if self.eta is not None:
+            check_number("--eta", self.eta)
+        check_int("--clip-skip (CLIP skip)", self.clip_skip, 1)
+
+    def resolved(self) -> Settings:
+        """A copy with the sampler's own schedule and eta filled in where they are left to it."""
+        facts = SAMPLERS.get(self.sampler, Sampler("", "karras"))
+        schedule = facts.schedule if self.schedule == "automatic" else self.schedule
+        eta = None if facts.eta is None else facts.eta if self.eta is None else self.eta
+        return dataclasses.replace(self, schedule=schedule, eta=eta)
+
+
+@dataclass
+class Job:
+    """A render: prompts, seeds and settings, on each of the models the caller loads (booth.render)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    settings: Settings = field(default_factory=Settings)
+    seed: int | None = None  # of the first image; image i uses seed + i (AUTOMATIC1111); None: random
+    variations: int = 1
+    batch_size: int = 1
+    image: str | None = None  # img2img when set: the input image's path
+    strength: float = 0.75
+    ema: bool = False
+
+    def validate(self) -> None:
+        check_text("the prompt", self.prompt)
+        check_text("the negative prompt", self.negative_prompt)
+        self.settings.validate()
+        check_int("--variations", self.variations, 1)
+        check_int("--batch-size", self.batch_size, 1)
+        if self.seed is not None:
+            last = MAX_SEED + 1 - self.variations
+            if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= last:
+                raise BoothError(
+                    f"--seed must be between 0 and {last} (got {self.seed}); omit it for a random seed"
+                )
+        if self.image is not None:
+            check_strength(self.strength)
+
+    def batches(self):
+        """The seeds of each forward pass."""
+        for start in range(0, self.variations, self.batch_size):
+            yield [self.seed + i for i in range(start, min(start + self.batch_size, self.variations))]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class Loop:
+    """What `booth.train.fit` needs of any task: the optimizer, its schedule, and when to save and preview. The
+    defaults are DreamBooth's."""
+
+    iterations: int = 800
+    learning_rate: float = DREAMBOOTH_LEARNING_RATE
+    lr_warmup: int = 0  # linear warm-up steps
+    lr_schedule: str = "constant"  # or "cosine": decays to 0 at the last iteration
+    max_grad_norm: float = 1.0  # global gradient-norm clipping; 0 turns it off
+    grad_accum: int = 1
+    optimizer: str = "adamw"
+    save_every: int | None = None  # None: only at the end
+    sample_every: int | None = None
+
+    def validate(self) -> None:
+        check_int("--iterations", self.iterations, 1)
+        check_number("--learning-rate", self.learning_rate, 0.0, FLOAT32_MAX, open_low=True)
+        check_int("--lr-warmup", self.lr_warmup, 0)
+        check_choice("--lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        check_number("--max-grad-norm", self.max_grad_norm)
+        check_int("--grad-accum", self.grad_accum, 1)
+        check_choice("--optimizer", self.optimizer, OPTIMIZERS)
+        if self.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+            raise BoothError("--optimizer adamw8bit needs bitsandbytes: pip install 'booth[8bit]'")
+        for name, value in (("--save-every", self.save_every), ("--sample-every", self.sample_every)):
+            if value is not None:
+                check_int(name, value, 1)
+
+
+@dataclass
+class Noise:
+    """How clean latents are noised for the diffusion loss, and how its rows are weighted."""
+
+    noise_offset: float = 0.0  # (Guttenberg 2023) lets the model learn very dark and very bright images
+    # multi-resolution noise discount (0: white noise); None: the noise the base model was trained with
+    pyramid_noise: float | None = None
+    snr_gamma: float | None = None  # min-SNR weighting (Hang et al. 2023)
+
+    def validate(self) -> None:
+        check_number("--noise-offset", self.noise_offset)
+        if self.pyramid_noise is not None:
+            check_number("--pyramid-noise", self.pyramid_noise, 0.0, 1.0)
+        if self.snr_gamma is not None:
+            check_number("--snr-gamma", self.snr_gamma, open_low=True)
+
+
+@dataclass
+class TrainConfig(Loop, Noise):
+    """DreamBooth: everything that defines a run; saved as RUN/args.yaml and read back by `-r`."""
+
+    # -r may change these; every other field is the recipe, fixed once a run has started
+    RESUMABLE: ClassVar = ("iterations", "save_every", "sample_every", "sample_prompt", "devices",
+                           "generation_batch_size")  # fmt: skip
+    # where the inputs are, not how the model trains: left out of the hyperparameters a checkpoint records
+    LOCATIONS: ClassVar = ("instance_dir", "class_dir", "model")
+
+    learning_rate: float | None = None  # None: DREAMBOOTH_LEARNING_RATE, or LORA_LEARNING_RATE with `lora`
+    class_name: str = ""
+    instance_dir: str = ""
+    model: str = "sd15"
+    token: str = "sks"
+    instance_prompt: str | None = None  # None: "a {token} {class}"
+    class_prompt: str | None = None  # None: "a {class}"
+    class_dir: str | None = None  # None: RUN/class-imgs
+    class_img_count: int = 200
+    generation_batch_size: int = 4
+    hw: tuple[int, int] | None = None  # None: the base model's own size (512 for SD1)
+    ddim_steps: int = 25  # how class images are sampled (booth's sampler defaults)
+    sampler: str = "dpmpp_2m"
+    schedule: str = "automatic"
+    scale: float = 7.5
+    ddim_eta: float | None = None
+    lamb: float = 1.0  # prior-preservation weight; 0 turns it off
+    batch_size: int = 1
+    seed: int = 0
+    train_text_encoder: bool = False
+    precision: str | None = None  # None: fp16 on CUDA, fp32 elsewhere
+    save_precision: str = "fp16"
+    gradient_checkpointing: bool = False
+    cache_latents: bool = False
+    sample_prompt: str | None = None  # None: the instance prompt
+    flip: bool = True
+    random_resize: bool = True
+    color_jitter: bool = True
+    devices: list[str] = field(default_factory=list)
+    # LoRA: train only low-rank adapters (rank `lora`) on frozen base weights
+    lora: int | None = None
+    lora_alpha: float | None = None  # None: the rank (scale 1)
+    lora_targets: str = "attn"
+    lora_text_encoder: bool = False
+
+    def __post_init__(self):
+        if self.learning_rate is None:
+            self.learning_rate = LORA_LEARNING_RATE if self.lora else DREAMBOOTH_LEARNING_RATE
+
+    @property
+    def instance_text(self) -> str:
+        return self.instance_prompt or f"a {self.token} {self.class_name}"
+
+    @property
+    def class_text(self) -> str:
+        return self.class_prompt or f"a {self.class_name}"
+
+    def sampling(self) -> Settings:
+        """How class images are drawn."""
+        h, w = self.hw or (None, None)
+        return Settings(self.ddim_steps, self.sampler, self.schedule, self.scale, self.ddim_eta, h, w)
+
+    def validate(self) -> None:
+        if not self.class_name or not self.instance_dir:
+            raise BoothError("give the subject's class with -c (e.g. -c dog) and its photos with -i FOLDER")
+        for name, text in (("--class-name", self.class_name), ("--token", self.token),
+                           ("--instance-prompt", self.instance_text), ("--class-prompt", self.class_text),
+                           ("--sample-prompt", self.sample_prompt or "")):  # fmt: skip
+            check_text(name, text)
+        if not self.token.strip() or any(c.isspace() for c in self.token):
+            raise BoothError(f"--token must be one word, such as sks (got {self.token!r})")
+        Loop.validate(self)
+        Noise.validate(self)
+        check_int("--ddim-steps", self.ddim_steps, 1, MAX_STEPS)  # by the flag names of this command
+        if self.ddim_eta is not None:
+            check_number("--ddim-eta", self.ddim_eta)
+        self.sampling().validate()
+        self._validate_training()
+        self._validate_lora()
+
+    def _validate_training(self) -> None:
+        check_number("--lamb", self.lamb)
+        check_int("--class-img-count", self.class_img_count, 0, 100_000)
+        if self.lamb > 0 and self.class_img_count == 0:
+            raise BoothError("--class-img-count 0 leaves prior preservation no class images: give at least 1, "
+                             "or -l 0 to train without the prior")  # fmt: skip
+        check_int("--generation-batch-size", self.generation_batch_size, 1)
+        check_int("--batch-size", self.batch_size, 1)
+        check_int("--seed", self.seed, 0, MAX_TRAIN_SEED)
+        check_choice("--precision", self.precision or "fp32", PRECISIONS)
+        check_choice("--save-precision", self.save_precision, SAVE_PRECISIONS)
+        if self.hw is not None and len(self.hw) != 2:
+            raise BoothError(f"--hw takes a height and a width (got {self.hw})")
+
+    def _validate_lora(self) -> None:
+        extra = [flag for flag, unset in (("--lora-alpha", self.lora_alpha is None),
+                 ("--lora-targets", self.lora_targets == "attn"), ("--lora-text-encoder", not self.lora_text_encoder))
+                 if not unset]  # fmt: skip
+        if self.lora is None:
+            if extra:
+                raise BoothError(f"{', '.join(extra)} only apply with --lora RANK")
+            return
+        check_int("--lora (the rank)", self.lora, 1, 4096)
+        if self.lora_alpha is not None:
+            check_number("--lora-alpha", self.lora_alpha, open_low=True)
+        check_choice("--lora-targets", self.lora_targets, LORA_TARGETS)
+        if self.train_text_encoder:
+            raise BoothError("-t trains the whole text encoder; with --lora use --lora-text-encoder instead")
+
+    def resolve(self, sample_size: int, pyramid_noise: float) -> TrainConfig:
+        """A copy with what was left to the base model and the sampler filled in: the training size, the training
+        noise, and the class images' schedule and eta."""
+        s = self.sampling().resolved()
+        return dataclasses.replace(
+            self,
+            hw=tuple(self.hw or (sample_size, sample_size)),
+            pyramid_noise=pyramid_noise if self.pyramid_noise is None else self.pyramid_noise,
+            schedule=s.schedule,
+            ddim_eta=s.eta,
+        )
+
+    def recipe(self) -> dict:
+        """The hyperparameters a checkpoint records: every field that is neither resumable nor a location."""
+        skip = (*self.RESUMABLE, *self.LOCATIONS)
+        return {k: v for k, v in _plain(self).items() if k not in skip}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(_plain(self), sort_keys=False, allow_unicode=True)
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "args.yaml") -> TrainConfig:
+        return _from_yaml(cls, text, source)
+
+
+@dataclass
+class DemoRecipe:
+    """What `booth train-demo` runs; the defaults reproduce the shipped demo weights."""
+
+    seed: int = 0
+    vae_steps: int = 800
+    vae_lr: float = 1e-3
+    vae_batch: int = 16
+    kl_weight: float = 1e-5
+    scenes: int = 20000  # the fixed captioned set stage 2 learns from (latents encoded once)
+    unet_steps: int = 4500
+    unet_lr: float = 1e-3
+    unet_batch: int = 32
+    snr_gamma: float = 5.0
+    warmup: int = 100
+    # The std latents are scaled to (SD: about 1). Below 1 the same schedule hides more of each flat shape at each
+    # step; 0.57 helped img2img but made PLMS diverge at CFG 7.5, so the multi-resolution noise below does that job.
+    latent_std: float = 1.0
+    # White noise hides the colour of a large flat shape slowly, so img2img at strength 0.6 could read the old
+    # colour of a recoloured shape and carve holes in it (7 of 16 clean circles with white noise only, 13 with 0.35).
+    pyramid_noise: float = 0.35  # see booth.train.pyramid_noise
+
+    def validate(self) -> None:
+        check_int("--seed", self.seed, 0, MAX_TRAIN_SEED)
+        for name in ("vae_steps", "vae_batch", "unet_steps", "unet_batch", "warmup"):
+            check_int(f"--{name.replace('_', '-')}", getattr(self, name), 0 if name == "warmup" else 1)
+        check_int("--scenes", self.scenes, 1, 10_000_000)  # all are drawn and encoded up front
+        for name in ("vae_lr", "unet_lr", "snr_gamma", "latent_std"):
+            check_number(name, getattr(self, name), open_low=True)
+        check_number("kl_weight", self.kl_weight)
+        check_number("pyramid_noise", self.pyramid_noise, 0.0, 1.0)
+
+    def vae_loop(self) -> Loop:
+        return Loop(self.vae_steps, self.vae_lr, self.warmup, "cosine", save_every=500)
+
+    def unet_loop(self) -> Loop:
+        return Loop(self.unet_steps, self.unet_lr, self.warmup, "cosine", save_every=500, sample_every=500)
+
+    def noise(self) -> Noise:
+        return Noise(pyramid_noise=self.pyramid_noise, snr_gamma=self.snr_gamma)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(_plain(self), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "recipe.yaml") -> DemoRecipe:
+        return _from_yaml(cls, text, source)
+
+
+# ----------------------------------------------------------------------------- YAML
+
+
+def _plain(obj) -> dict:
+    """Fields as YAML-safe values (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(obj).items()}
+
+
+def _from_yaml(cls, text: str, source: str):
+    """A dataclass from YAML written by `to_yaml`; any damage is one line naming the file. Unknown keys (from
+    an older booth) are dropped; a missing key takes today's default."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise BoothError(f"cannot read {source}: it is not valid YAML{at}") from None
+    if not isinstance(data, dict):
+        raise BoothError(f"cannot read {source}: expected a mapping of settings, got {type(data).__name__}")
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in hints]
+    if unknown and cls is DemoRecipe:  # a recipe must reproduce a model exactly: no guessing
+        raise BoothError(f"cannot read {source}: unknown setting {unknown[0]!r}")
+    kwargs = {k: tuple(v) if k == "hw" and isinstance(v, list) else v for k, v in data.items() if k in hints}
+    try:
+        obj = cls(**kwargs)
+        obj.validate()
+    except BoothError as e:
+        raise BoothError(f"{source} holds a setting booth cannot use: {e}") from None
+    return obj
