@@ -491,12 +491,7 @@ def stored_config(meta: dict[str, str], path: Path) -> ModelConfig:
     """The ModelConfig booth wrote into a file's header, checked before anything is built from it."""
     try:
         cfg = ModelConfig.from_json(meta[CONFIG_KEY])
-    except (
-        ValueError,
-        TypeError,
-        AttributeError,
-        RecursionError,
-    ) as e:  # bad JSON, or fields this booth lacks
+    except (ValueError, TypeError, AttributeError, RecursionError) as e:  # bad JSON, or unknown fields
         raise BoothError(
             f"cannot read the model config stored in {path} ({(str(e).splitlines() or [type(e).__name__])[0]}); "
             "it may come from a newer booth: upgrade booth"

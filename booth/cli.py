@@ -328,11 +328,13 @@ def _generate(args) -> int:
     check_writable(out)
 
     from .device import pick_device, pick_dtype
+    from .images import load_image
     from .lora import read_specs
     from .render import render, rows
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.precision, device)
+    image = load_image(job.image) if job.image is not None else None
     loras = read_specs(args.lora)
     models = rows(args.ckpt_path, args.model)  # may download; after all cheap checks
     for run in out.glob("run*") if out.is_dir() else ():
@@ -349,7 +351,7 @@ def _generate(args) -> int:
 
     written = 0
     try:
-        for path in render(job, models, start_run, device, dtype, loras):
+        for path in render(job, models, start_run, device, dtype, loras, image):
             written += 1
             print(path, flush=True)
     except BaseException:
@@ -365,9 +367,13 @@ def _generate(args) -> int:
 def run_dreambooth(args) -> int:
     cfg, resume = train_config(args)
 
-    from .train import Interrupted, train
+    from .device import pick_device
+    from .train import Interrupted, preflight, train
 
-    if len(cfg.devices) > 1 and "WORLD_SIZE" not in os.environ:
+    if len(cfg.devices) > 1 and "WORLD_SIZE" not in os.environ:  # checked once here, not in each process
+        for device in cfg.devices:
+            pick_device(device)
+        preflight(cfg, None if resume else Path(args.output_dir))
         return _launch_distributed(len(cfg.devices), args.argv)
     try:
         last = train(cfg, args.output_dir, resume)

@@ -9,9 +9,12 @@ at once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -108,7 +111,7 @@ def check_number(
 
 
 def check_choice(name: str, value: object, choices) -> None:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise BoothError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
 
 
@@ -451,14 +454,38 @@ def _from_yaml(cls, text: str, source: str):
         raise BoothError(f"cannot read {source}: it is not valid YAML{at}") from None
     if not isinstance(data, dict):
         raise BoothError(f"cannot read {source}: expected a mapping of settings, got {type(data).__name__}")
-    hints = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [k for k in data if k not in hints]
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in names]
     if unknown and cls is DemoRecipe:  # a recipe must reproduce a model exactly: no guessing
         raise BoothError(f"cannot read {source}: unknown setting {unknown[0]!r}")
-    kwargs = {k: tuple(v) if k == "hw" and isinstance(v, list) else v for k, v in data.items() if k in hints}
+    kwargs = {k: tuple(v) if isinstance(v, list) and k == "hw" else v for k, v in data.items() if k in names}
     try:
-        obj = cls(**kwargs)
+        obj = cls(**{k: _typed(k, v, hints[k]) for k, v in kwargs.items()})
         obj.validate()
     except BoothError as e:
         raise BoothError(f"{source} holds a setting booth cannot use: {e}") from None
     return obj
+
+
+def _typed(name: str, value: object, hint):
+    """`value`, read from a file, checked against its field's annotation (a hand-edited file may say anything).
+    YAML reads 1e-4 (no dot) as text; such text is taken as the number it spells."""
+    args = typing.get_args(hint)
+    if value is None and type(None) in args:
+        return value
+    kind = next((a for a in args if a is not type(None)), hint) if args and typing.get_origin(hint) in (
+        typing.Union, types.UnionType) else hint  # fmt: skip
+    origin, inner = typing.get_origin(kind) or kind, typing.get_args(kind)
+    if kind is float and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if origin in (tuple, list):
+        ok = isinstance(value, (tuple, list)) and all(isinstance(v, inner[0]) for v in value)
+    elif kind in (int, float):
+        ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise BoothError(f"{name} should be {getattr(kind, '__name__', kind)}, not {value!r}")
+    return value

@@ -40,9 +40,7 @@ class StableDiffusion:
         self.model, self.device, self.dtype = model, torch.device(device), dtype
         self.config = model.config
         self.name, self.model_hash = name, model_hash
-        self.loras: list[
-            tuple[str, str]
-        ] = []  # (name, hash) of the LoRAs merged into the weights (PNG metadata)
+        self.loras: list[tuple[str, str]] = []  # (name, hash) of the LoRAs in the weights, for PNG metadata
         self._originals: dict[str, torch.Tensor] = {}  # the base tensors those LoRAs replaced
         self.tokenizer = get_tokenizer()
         c = self.config
@@ -104,9 +102,7 @@ class StableDiffusion:
         """Diffusion latents (B, 4, h, w) -> PIL images."""
         images = self.model.vae.decode(latents.to(self.device, self.dtype) / self.config.scale_factor)
         if not bool(torch.isfinite(images).all()):
-            raise BoothError(
-                f"the VAE overflowed in {_name(self.dtype)} while decoding; use --precision fp32 or bf16"
-            )
+            raise BoothError(f"{self.name}'s VAE made NaN or infinite pixels: {self._broken()}")
         return to_pil(images)
 
     @torch.no_grad()

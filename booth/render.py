@@ -76,13 +76,15 @@ def _recorded_base(loras: list[Found]) -> Found:
 
 
 def render(job: Job, models: Sequence[Row], run: Path | Callable[[], Path], device: torch.device,
-           dtype: torch.dtype, loras: Sequence[tuple[LoRA, float]] = ()) -> Iterator[Path]:  # fmt: skip
+           dtype: torch.dtype, loras: Sequence[tuple[LoRA, float]] = (),
+           image: Image.Image | None = None) -> Iterator[Path]:  # fmt: skip
     """Render `job` with each model into `run`; yields every image path as soon as it is written. `run` may be a
     function making the folder: it is called once the first model has loaded, so a bad checkpoint leaves none.
-    `loras` ((LoRA, weight) pairs) are merged into every model."""
+    `loras` ((LoRA, weight) pairs) are merged into every model; `image` is job.image already read, if it was."""
     job = job if job.seed is not None else replace(job, seed=random.randrange(2**32))
     job.validate()
-    image = load_image(job.image) if job.image is not None else None
+    if job.image is not None and image is None:
+        image = load_image(job.image)
     settings = _resolve(job, models, image, device, dtype)
     loaded = _load_each(models, job.ema, device, dtype, loras)
     sd = next(loaded)  # only once the first model has loaded is the run folder made

@@ -176,8 +176,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike = "outputs", resume: str | os
           dist: Dist | None = None) -> Path:  # fmt: skip
     """Run DreamBooth in a new OUT/runK folder, or continue the run folder `resume`; returns the last checkpoint."""
     cfg.validate()
+    dist = dist or setup_distributed(cfg.devices)  # checks the devices too
     found = preflight(cfg, None if resume else Path(out))
-    dist = dist or setup_distributed(cfg.devices)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     with contextlib.ExitStack() as held, out_of_memory(MEMORY_HINT):

@@ -944,3 +944,10 @@ def test_a_million_variations_are_not_listed_up_front(tmp_path, models, monkeypa
     r = booth_cli("txt2img", "-c", models.single, "-o", tmp_path / "out", "-p", "x", "--hw", 16, 16, "-v", 10**12,
                   "-b", 3, "--seed", 0, *FAST)  # fmt: skip
     assert r.rc == 130 and calls == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_a_missing_image_is_reported_before_the_model_is_fetched(tmp_path):
+    """The input is checked first: nobody waits for a 4 GB download to learn that the photo's name was wrong."""
+    r = booth_cli("img2img", "-c", "someone/not-downloaded", "-i", tmp_path / "nope.png", "-o", tmp_path / "out",
+                  "-p", "x", *FAST)  # fmt: skip
+    assert_error(r, "image not found", "nope.png", out=tmp_path / "out")

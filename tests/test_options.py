@@ -200,3 +200,21 @@ def test_train_config_resolve_fills_in_what_was_left_to_the_model_and_the_sample
     given = TrainConfig(**DOG, hw=(32, 48), pyramid_noise=0.0, schedule="karras", ddim_eta=0.5)
     cfg = given.resolve(sample_size=512, pyramid_noise=0.35)
     assert (cfg.hw, cfg.pyramid_noise, cfg.schedule, cfg.ddim_eta) == ((32, 48), 0.0, "karras", None)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [("hw: 5", "hw should be tuple, not 5"), ("devices: cpu", "devices should be list"),
+     ("flip: sometimes", "flip should be bool"), ("sampler: [a, b]", "sampler should be str"),
+     ("iterations: true", "iterations should be int, not True"), ("learning_rate: fast", "should be float")],
+)  # fmt: skip
+def test_a_hand_edited_args_yaml_with_the_wrong_types_is_one_line(line, message):
+    with pytest.raises(BoothError, match=message):
+        TrainConfig.from_yaml(f"class_name: dog\ninstance_dir: x\n{line}\n", "RUN/args.yaml")
+
+
+def test_yaml_numbers_without_a_dot_are_numbers():
+    """YAML 1.1 reads 1e-4 as text; it is the learning rate it spells."""
+    assert (
+        TrainConfig.from_yaml("class_name: dog\ninstance_dir: x\nlearning_rate: 1e-4\n").learning_rate == 1e-4
+    )
