@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .errors import BoothError
+from .options import MAX_STEPS, check_int
 from .options import SAMPLERS as FACTS
 
 Denoiser = Callable[..., Tensor]
@@ -97,8 +98,7 @@ def sd1_schedule() -> DiscreteSchedule:
 
 
 def _check_steps(steps: int) -> None:
-    if steps < 1:
-        raise BoothError(f"the number of sampling steps must be at least 1, got {steps}")
+    check_int("--steps", steps, 1, MAX_STEPS)  # Settings.validate's rule, for callers of these functions
 
 
 def get_sigmas_uniform(schedule: DiscreteSchedule, steps: int) -> Tensor:

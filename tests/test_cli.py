@@ -951,3 +951,25 @@ def test_a_missing_image_is_reported_before_the_model_is_fetched(tmp_path):
     r = booth_cli("img2img", "-c", "someone/not-downloaded", "-i", tmp_path / "nope.png", "-o", tmp_path / "out",
                   "-p", "x", *FAST)  # fmt: skip
     assert_error(r, "image not found", "nope.png", out=tmp_path / "out")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak RSS from /proc (Linux)")
+def test_img2img_of_a_big_photo_on_the_demo_model_stays_small(tmp_path):
+    """It used 12.6 GB: the photo was scaled to 768x768, and the VAE's attention held (pixels x pixels) scores.
+    Now it works at the demo's 64x64, in the whole process's peak RSS of a few hundred MB."""
+    Image.new("RGB", (1024, 1024), (200, 30, 30)).save(tmp_path / "photo.png")
+    script = """
+import sys
+from booth.cli import main
+rc = main(sys.argv[1:])
+peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print(peak * 1024, file=sys.stderr)
+sys.exit(rc)
+"""
+    argv = ["img2img", "-m", "demo", "-i", tmp_path / "photo.png", "-p", "a blue circle", "-o", tmp_path / "out",
+            "--steps", "4", "--seed", "0"]  # fmt: skip
+    p = subprocess.run([sys.executable, "-c", script, *map(str, argv)], capture_output=True, text=True,
+                       env=subprocess_env(tmp_path), timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert Image.open(p.stdout.strip()).size == (64, 64)
+    assert int(p.stderr.strip().splitlines()[-1]) < 1.5e9

@@ -218,3 +218,15 @@ def test_yaml_numbers_without_a_dot_are_numbers():
     assert (
         TrainConfig.from_yaml("class_name: dog\ninstance_dir: x\nlearning_rate: 1e-4\n").learning_rate == 1e-4
     )
+
+
+def test_every_precision_name_has_a_dtype():
+    import torch
+
+    from booth.device import pick_dtype
+    from booth.options import PRECISIONS
+
+    cpu = torch.device("cpu")
+    assert {p: pick_dtype(p, cpu) for p in PRECISIONS} == {"fp32": torch.float32, "fp16": torch.float16,
+        "bf16": torch.bfloat16, "full": torch.float32, "autocast": torch.float32}  # fmt: skip
+    assert pick_dtype(None, cpu) == torch.float32
