@@ -188,11 +188,21 @@ def infer_config(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> Mod
     """Recover the ModelConfig from tensor shapes (as ComfyUI does). Head counts are not visible in shapes:
     SD1 conventions are used (8 UNet heads, CLIP heads of width 64)."""
     try:
-        return ModelConfig(unet=_infer_unet(sd), vae=_infer_vae(sd), clip=_infer_clip(sd))
+        cfg = ModelConfig(unet=_infer_unet(sd), vae=_infer_vae(sd), clip=_infer_clip(sd))
     except KeyError as e:
         raise BoothError(
             f"{source} is not a Stable Diffusion 1.x checkpoint: it has no {e.args[0]}"
         ) from None
+    return checked(cfg, source)
+
+
+def checked(cfg: ModelConfig, source: str) -> ModelConfig:
+    """`cfg`, if a model can be built from it; else a BoothError naming where it came from."""
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise BoothError(f"the model config of {source} is impossible: {e}") from None
+    return cfg
 
 
 def _indices(sd: dict, prefix: str) -> list[int]:
@@ -428,7 +438,8 @@ def diffusers_config(folder: Path) -> ModelConfig:
         max_positions=t.get("max_position_embeddings", 77),
         act=t.get("hidden_act", "quick_gelu"),
     )
-    return ModelConfig(unet=unet, vae=vae, clip=clip, scale_factor=v.get("scaling_factor", 0.18215))
+    cfg = ModelConfig(unet=unet, vae=vae, clip=clip, scale_factor=v.get("scaling_factor", 0.18215))
+    return checked(cfg, str(folder))
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -496,11 +507,7 @@ def stored_config(meta: dict[str, str], path: Path) -> ModelConfig:
             f"cannot read the model config stored in {path} ({(str(e).splitlines() or [type(e).__name__])[0]}); "
             "it may come from a newer booth: upgrade booth"
         ) from None
-    try:
-        cfg.validate()
-    except ValueError as e:
-        raise BoothError(f"the model config stored in {path} is impossible: {e}") from None
-    return cfg
+    return checked(cfg, f"{path} (stored in its header)")
 
 
 def load_model(

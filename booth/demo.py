@@ -21,7 +21,7 @@ from .atomic import clean_stale, locked
 from .checkpoint import read_checkpoint, save_checkpoint
 from .config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
 from .data import Cycler, prepare
-from .device import autocast, training_dtypes
+from .device import autocast
 from .images import save_png
 from .model import build
 from .options import DemoRecipe, Settings
@@ -114,8 +114,9 @@ class TextToImageTask:
 
     def __init__(self, recipe: DemoRecipe, vae_file: Path, dist: Dist):
         self.recipe, self.noise, self.device = recipe, recipe.noise(), dist.device
-        self.amp_dtype, _ = training_dtypes("fp32", dist.device)
-        self.amp, self.memory_hint = autocast(dist.device, self.amp_dtype), MEMORY_HINT
+        # fp32, no autocast: the recipe then reproduces bit for bit on a CPU
+        self.amp_dtype, self.memory_hint = None, MEMORY_HINT
+        self.amp = autocast(dist.device, self.amp_dtype)
         torch.manual_seed(recipe.seed + 1)
         model = build(DEMO, device=dist.device)
         model.load_state_dict(read_checkpoint(vae_file).state_dict, strict=False)

@@ -184,6 +184,18 @@ def test_not_an_sd1_checkpoint(sd, tmp_path):
         read_checkpoint(sdxl)
 
 
+def test_a_checkpoint_whose_shapes_make_no_model_is_a_clear_error(sd, tmp_path):
+    """Shapes can say what no module can be built from: a 40-channel input convolution before 32-channel levels."""
+    odd = {k: v for k, v in sd.items()}
+    key = UNET + "input_blocks.0.0.weight"
+    odd[key] = torch.zeros(40, *sd[key].shape[1:])
+    save_checkpoint(odd, tmp_path / "odd.safetensors")
+    with pytest.raises(
+        BoothError, match="the model config of .*odd.safetensors is impossible: unet.channel_mult"
+    ):
+        read_checkpoint(tmp_path / "odd.safetensors")
+
+
 def test_config_inference_recovers_sd1_and_tiny():
     assert infer_config(build(SD1).state_dict()) == SD1
     assert infer_config(build(TINY).state_dict()) == TINY
@@ -390,9 +402,8 @@ def stored_config(sd, path, **changes):
 )
 def test_an_impossible_stored_config_is_a_clear_error(sd, tmp_path, changes, message):
     path = stored_config(sd, tmp_path / "odd.safetensors", **changes)
-    with pytest.raises(
-        BoothError, match=f"the model config stored in .*odd.safetensors is impossible: .*{message}"
-    ):
+    where = r"the model config of .*odd.safetensors \(stored in its header\) is impossible: "
+    with pytest.raises(BoothError, match=where + f".*{message}"):
         read_checkpoint(path)
     with pytest.raises(BoothError, match="impossible"):
         read_config(path)

@@ -919,6 +919,7 @@ def test_ddim_without_a_schedule_runs_on_the_models_own_timesteps(tmp_path, mode
 @pytest.mark.parametrize("flag", ["-c", "-i"])
 def test_a_path_longer_than_the_file_system_allows(tmp_path, models, flag):
     long = str(tmp_path / ("m" * 300 + ".safetensors"))
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")  # the image is read first, so it must exist
     args = (
         ["-c", long, "-i", str(tmp_path / "x.png")]
         if flag == "-c"
