@@ -400,36 +400,66 @@ def _json(path: Path) -> dict:
 
 
 def diffusers_config(folder: Path) -> ModelConfig:
-    u, v, t = (_json(folder / c / "config.json") for c in ("unet", "vae", "text_encoder"))
-    if u.get("use_linear_projection") or (u.get("cross_attention_dim") or 768) != t.get("hidden_size", 768):
+    parts = {}
+    for name, part_config in (
+        ("unet", _diffusers_unet),
+        ("vae", _diffusers_vae),
+        ("text_encoder", _diffusers_clip),
+    ):
+        path = folder / name / "config.json"
+        c = _json(path)
+        try:
+            parts[name] = part_config(c)
+            parts[name].validate()
+        except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as e:
+            what = f"has no {e.args[0]!r}" if isinstance(e, KeyError) else f"has an impossible value ({e})"
+            raise BoothError(f"{path} {what}; is it a diffusers Stable Diffusion config?") from None
+        if name == "unet" and c.get("use_linear_projection"):
+            raise BoothError(f"{folder} is not a Stable Diffusion 1.x model (SD2/SDXL are not supported yet)")
+    unet, clip = parts["unet"], parts["text_encoder"]
+    if unet.context_dim != clip.width:
         raise BoothError(f"{folder} is not a Stable Diffusion 1.x model (SD2/SDXL are not supported yet)")
-    boc = u["block_out_channels"]
+    scale = _json(folder / "vae" / "config.json").get("scaling_factor", 0.18215)
+    cfg = ModelConfig(unet=unet, vae=parts["vae"], clip=clip, scale_factor=scale)
+    return checked(cfg, str(folder))
+
+
+def _diffusers_unet(u: dict) -> UNetConfig:
+    boc = _ints(u["block_out_channels"])
     heads = u.get("attention_head_dim", 8)  # diffusers' SD1 configs store the head *count* here
     depth = u.get("transformer_layers_per_block", 1)
-    unet = UNetConfig(
+    return UNetConfig(
         in_channels=u.get("in_channels", 4),
         out_channels=u.get("out_channels", 4),
         model_channels=boc[0],
         channel_mult=tuple(c // boc[0] for c in boc),
         num_res_blocks=u.get("layers_per_block", 2),
-        attention_resolutions=tuple(2**i for i, b in enumerate(u["down_block_types"]) if "CrossAttn" in b),
+        attention_resolutions=tuple(
+            2**i for i, b in enumerate(_strs(u["down_block_types"])) if "CrossAttn" in b
+        ),
         num_heads=heads if isinstance(heads, int) else heads[0],
         transformer_depth=depth if isinstance(depth, int) else depth[0],
-        context_dim=u.get("cross_attention_dim", 768),
+        context_dim=u.get("cross_attention_dim") or 768,
         norm_groups=u.get("norm_num_groups", 32),
     )
-    vboc = v["block_out_channels"]
-    vae = VAEConfig(
+
+
+def _diffusers_vae(v: dict) -> VAEConfig:
+    boc = _ints(v["block_out_channels"])
+    return VAEConfig(
         in_channels=v.get("in_channels", 3),
         out_ch=v.get("out_channels", 3),
-        ch=vboc[0],
-        ch_mult=tuple(c // vboc[0] for c in vboc),
+        ch=boc[0],
+        ch_mult=tuple(c // boc[0] for c in boc),
         num_res_blocks=v.get("layers_per_block", 2),
         z_channels=v.get("latent_channels", 4),
         embed_dim=v.get("latent_channels", 4),
         norm_groups=v.get("norm_num_groups", 32),
     )
-    clip = CLIPConfig(
+
+
+def _diffusers_clip(t: dict) -> CLIPConfig:
+    return CLIPConfig(
         vocab_size=t.get("vocab_size", 49408),
         width=t["hidden_size"],
         layers=t["num_hidden_layers"],
@@ -438,8 +468,18 @@ def diffusers_config(folder: Path) -> ModelConfig:
         max_positions=t.get("max_position_embeddings", 77),
         act=t.get("hidden_act", "quick_gelu"),
     )
-    cfg = ModelConfig(unet=unet, vae=vae, clip=clip, scale_factor=v.get("scaling_factor", 0.18215))
-    return checked(cfg, str(folder))
+
+
+def _ints(values) -> list[int]:
+    if not isinstance(values, list) or not values or not all(type(x) is int and x > 0 for x in values):
+        raise ValueError(f"expected a list of positive integers, got {values!r}")
+    return values
+
+
+def _strs(values) -> list[str]:
+    if not isinstance(values, list) or not all(isinstance(x, str) for x in values):
+        raise ValueError(f"expected a list of block names, got {values!r}")
+    return values
 
 
 # ----------------------------------------------------------------------------- entry points

@@ -269,6 +269,28 @@ def test_diffusers_folder_missing_parts(model, tmp_path):
         read_checkpoint(tmp_path / "empty")
 
 
+@pytest.mark.parametrize(
+    "part, change",
+    [
+        ("unet", {"block_out_channels": None}),
+        ("unet", {"block_out_channels": [0, 64]}),
+        ("unet", {"down_block_types": "CrossAttnDownBlock2D"}),
+        ("vae", {"block_out_channels": []}),
+        ("text_encoder", {"num_attention_heads": "twelve"}),
+        ("text_encoder", {"hidden_size": None}),
+    ],
+)
+def test_a_diffusers_config_json_with_wrong_values_is_a_clear_error(model, tmp_path, part, change):
+    from helpers import diffusers_pipeline
+
+    folder = tmp_path / "pipe"
+    diffusers_pipeline(model, tmp_path / "tok").save_pretrained(folder, safe_serialization=True)
+    path = folder / part / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(BoothError, match=f"{part}.config.json"):
+        diffusers_config(folder)
+
+
 def test_atomic_save_keeps_the_old_file_on_failure(sd, tmp_path, monkeypatch):
     path = tmp_path / "m.safetensors"
     save_checkpoint(sd, path)
