@@ -90,9 +90,7 @@ class StableDiffusion:
         )
         for text in prompts + negatives:
             check_text("the prompt", text)
-        if clip_skip > self.config.clip.layers:
-            raise BoothError(f"--clip-skip {clip_skip} is more than the {self.config.clip.layers} layers of "
-                             f"{self.name}'s text encoder")  # fmt: skip
+        check_clip_skip(self.config, clip_skip, self.name)
         ids = self.tokenizer(prompts + negatives).to(self.device)  # one batch, so all share K
         emb = self.model.text_encoder.encode_chunks(ids, clip_skip)
         return emb[: len(prompts)], emb[len(prompts) :]
@@ -114,7 +112,7 @@ class StableDiffusion:
         return z * self.config.scale_factor
 
     def resolve(self, settings: Settings, image_size: tuple[int, int] | None = None) -> Settings:
-        return resolve_settings(self.config, settings, image_size)
+        return resolve_settings(self.config, settings, image_size, self.name)
 
     def sigmas(self, settings: Settings) -> torch.Tensor:
         return sampling.SCHEDULES[settings.resolved().schedule](self.schedule, settings.steps)
@@ -200,12 +198,16 @@ class StableDiffusion:
 
 
 def resolve_settings(
-    config: ModelConfig, settings: Settings, image_size: tuple[int, int] | None = None
+    config: ModelConfig,
+    settings: Settings,
+    image_size: tuple[int, int] | None = None,
+    name: str = "the model",
 ) -> Settings:
     """A copy of `settings` with the sampler's schedule and eta filled in, and the image size where it is not given:
     the model's own (`config.sample_size` squared) or, for an img2img input of `image_size` (w, h), as many pixels
     in the input's aspect ratio, in multiples of 8."""
     s = settings.resolved()
+    check_clip_skip(config, s.clip_skip, name)
     size = config.sample_size
     if image_size is not None and s.height is None and s.width is None:
         aspect = image_size[0] / image_size[1]
@@ -213,6 +215,13 @@ def resolve_settings(
         return dataclasses.replace(s, height=height, width=width)
     h, w = (size if v is None else v for v in (s.height, s.width))
     return dataclasses.replace(s, height=h, width=w)
+
+
+def check_clip_skip(config: ModelConfig, clip_skip: int, name: str) -> None:
+    if clip_skip > config.clip.layers:
+        raise BoothError(
+            f"--clip-skip {clip_skip} is more than the {config.clip.layers} layers of {name}'s text encoder"
+        )
 
 
 def steps_to_run(steps: int, strength: float) -> int:

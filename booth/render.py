@@ -112,7 +112,7 @@ def _resolve(job: Job, models: Sequence[Row], image, device, dtype) -> list[Sett
     out = []
     for row in models:
         config = read_config(row.model)
-        s = resolve_settings(config, job.settings, image.size if image is not None else None)
+        s = resolve_settings(config, job.settings, image.size if image is not None else None, row.path.name)
         _check_memory(config, s, job.batch_size, device, dtype, encode=image is not None)
         out.append(s)
     return out
