@@ -373,7 +373,7 @@ def run_dreambooth(args) -> int:
     if len(cfg.devices) > 1 and "WORLD_SIZE" not in os.environ:  # checked once here, not in each process
         for device in cfg.devices:
             pick_device(device)
-        preflight(cfg, None if resume else Path(args.output_dir))
+        preflight(cfg, None if resume else Path(args.output_dir), warn=False)  # rank 0 warns
         return _launch_distributed(len(cfg.devices), args.argv)
     try:
         last = train(cfg, args.output_dir, resume)

@@ -68,6 +68,7 @@ DREAMBOOTH_LEARNING_RATE = 5e-6  # diffusers' published DreamBooth recipe
 LORA_LEARNING_RATE = 1e-4  # diffusers' LoRA DreamBooth recipe; adapters start at zero and need larger steps
 FLOAT32_MAX = 3.4e38  # optimizers keep the learning rate in float32
 MAX_SEED = 2**64 - 1  # torch generators take seeds below 2**64
+MAX_ITERATIONS = 10**9  # years at any speed; bounds what a typo can ask for
 MAX_TRAIN_SEED = 2**63 - 1  # training derives further seeds from it (class images: seed + 1e6 + i)
 
 
@@ -221,7 +222,7 @@ class Loop:
     sample_every: int | None = None
 
     def validate(self) -> None:
-        check_int("--iterations", self.iterations, 1)
+        check_int("--iterations", self.iterations, 1, MAX_ITERATIONS)
         check_number("--learning-rate", self.learning_rate, 0.0, FLOAT32_MAX, open_low=True)
         check_int("--lr-warmup", self.lr_warmup, 0)
         check_choice("--lr-schedule", self.lr_schedule, LR_SCHEDULES)

@@ -177,7 +177,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike = "outputs", resume: str | os
     """Run DreamBooth in a new OUT/runK folder, or continue the run folder `resume`; returns the last checkpoint."""
     cfg.validate()
     dist = dist or setup_distributed(cfg.devices)  # checks the devices too
-    found = preflight(cfg, None if resume else Path(out))
+    found = preflight(cfg, None if resume else Path(out), warn=dist.main)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     with contextlib.ExitStack() as held, out_of_memory(MEMORY_HINT):
@@ -199,11 +199,12 @@ def train(cfg: TrainConfig, out: str | os.PathLike = "outputs", resume: str | os
         return fit(task, cfg, run, dist, resume=has_state)  # 6. the loop
 
 
-def preflight(cfg: TrainConfig, out: Path | None):
+def preflight(cfg: TrainConfig, out: Path | None, warn: bool = True):
     """Every check that needs no weights: the base model is a model (fetched now if it is on the Hub), the photos
-    are there, the class folder is a folder, and a new run has somewhere to go."""
+    are there (with a warning, if `warn`, naming the files that are not), the class folder is a folder, and a new
+    run has somewhere to go."""
     found = find_model(cfg.model, "-m")
-    find_images(cfg.instance_dir, "instance", warn=False)
+    find_images(cfg.instance_dir, "instance", warn=warn)
     if cfg.class_dir and Path(cfg.class_dir).exists() and not Path(cfg.class_dir).is_dir():
         raise BoothError(f"--class-dir {cfg.class_dir} is a file; give a folder (it is created if missing)")
     if out is not None:
@@ -325,7 +326,7 @@ def _generate_class_images(cfg: TrainConfig, folder: Path, todo: list[int], base
 
 def image_sets(cfg: TrainConfig, class_paths: list[Path]) -> dict[str, ImageSet]:
     aug = Augment(flip=cfg.flip, resize=cfg.random_resize, jitter=cfg.color_jitter)
-    sets = {"instance": ImageSet(find_images(cfg.instance_dir, "instance"), tuple(cfg.hw), aug)}
+    sets = {"instance": ImageSet(find_images(cfg.instance_dir, "instance", warn=False), tuple(cfg.hw), aug)}
     if class_paths:
         sets["class"] = ImageSet(class_paths, tuple(cfg.hw), aug)
     return sets

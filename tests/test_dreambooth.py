@@ -355,21 +355,23 @@ def test_bad_instance_folders(base, tmp_path, capsys):
 
 
 def test_non_images_are_skipped_with_a_warning(base, tmp_path, capsys):
+    """Once, and before the class images are made: a user learns of it before the long part."""
     import shutil
 
     shutil.copytree(DOG, tmp_path / "dog")
     (tmp_path / "dog" / "broken.png").write_bytes(b"\x89PNG broken")
     run = tmp_path / "o"
     assert main(["dreambooth", "-c", "dog", "-i", str(tmp_path / "dog"), "-m", str(base), "-o", str(run), *FAST,
-                 "--iterations", "1", "-l", "0"]) == 0  # fmt: skip
+                 "--iterations", "1"]) == 0  # fmt: skip
     err = capsys.readouterr().err
     assert "skipping 2 file(s)" in err and "broken.png" in err and "SOURCE.md" in err
+    assert err.count("skipping") == 1 and err.index("skipping") < err.index("class images"), err
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--iterations", "0"], "--iterations must be at least 1"),
+        (["--iterations", "0"], "--iterations must be between 1 and"),
         (["--learning-rate", "-1"], "--learning-rate must be a positive"),
         (["-l", "-0.5"], "--lamb must be a non-negative"),
         (["--hw", "30", "32"], "multiples of 8"),
