@@ -57,9 +57,9 @@ class HubTarget:
         return f"{self.repo}, {what}" + (f" @ {self.revision}" if self.revision else "")
 
 
-def resolve(spec: str, flag: str = "-c") -> pathlib.Path:
+def resolve(spec: str, flag: str | None = "-c") -> pathlib.Path:
     """Return a local path for `spec`, downloading it into the Hugging Face cache if needed. `flag` is the option
-    the spec came from, for the offline hint."""
+    the spec came from, for the offline hint (None: `booth download`, which has none)."""
     target = parse(spec)
     if isinstance(target, pathlib.Path):
         return target
@@ -83,7 +83,7 @@ def find_model(spec: str, flag: str = "-c") -> Found:
 def download(spec: str = DEFAULT_MODEL, filename: str | None = None) -> pathlib.Path:
     """`booth download [ALIAS|REPO|URL [FILE]]`: fetch into the cache and return the local path."""
     if filename is None:
-        return resolve(spec)
+        return resolve(spec, None)
     repo = ALIASES[spec][0] if spec in ALIASES else spec
     if not _REPO_RE.fullmatch(repo):
         raise BoothError(
@@ -91,7 +91,7 @@ def download(spec: str = DEFAULT_MODEL, filename: str | None = None) -> pathlib.
         )
     _check_repo_path(filename)
     command = f"{shlex.quote(spec)} {shlex.quote(filename)}"
-    return _fetch(HubTarget(repo, filename), spec, command, "-c")
+    return _fetch(HubTarget(repo, filename), spec, command, None)
 
 
 def _check_repo_path(path: str) -> None:
@@ -182,7 +182,7 @@ def _hub_hosts() -> set[str]:
     return _HUB_HOSTS | ({endpoint} if endpoint else set())
 
 
-def _fetch(target: HubTarget, spec: str, command: str, flag: str) -> pathlib.Path:
+def _fetch(target: HubTarget, spec: str, command: str, flag: str | None) -> pathlib.Path:
     with _hub_errors(target, spec, command, flag):
         if target.filename is None:
             return _fetch_diffusers(target.repo)
@@ -242,7 +242,7 @@ def _not_diffusers_message(repo: str, missing: list[str], names: list[str]) -> s
 
 
 @contextlib.contextmanager
-def _hub_errors(target: HubTarget, spec: str, command: str, flag: str) -> Iterator[None]:
+def _hub_errors(target: HubTarget, spec: str, command: str, flag: str | None) -> Iterator[None]:
     """Turn huggingface_hub exceptions into one-line BoothErrors that say what to do next."""
     from huggingface_hub import errors as hf
 
@@ -252,7 +252,7 @@ def _hub_errors(target: HubTarget, spec: str, command: str, flag: str) -> Iterat
         raise BoothError(_hub_message(e, target, spec, command, flag)) from e
 
 
-def _hub_message(e: Exception, target: HubTarget, spec: str, command: str, flag: str) -> str:
+def _hub_message(e: Exception, target: HubTarget, spec: str, command: str, flag: str | None) -> str:
     from huggingface_hub import constants
     from huggingface_hub import errors as hf
 
@@ -273,9 +273,9 @@ def _hub_message(e: Exception, target: HubTarget, spec: str, command: str, flag:
     if isinstance(e, hf.LocalEntryNotFoundError):  # before EntryNotFoundError, its base class
         offline = "offline mode is on (HF_HUB_OFFLINE=1)"
         reason = offline if constants.HF_HUB_OFFLINE else "the Hugging Face Hub cannot be reached"
+        local = f", or pass {flag} with a local checkpoint file" if flag else ""
         return (f"model {spec!r} ({target}) is not downloaded and {reason}; run `booth download {command}` on a "
-                f"machine with internet access (or set HF_HOME to a cache that has it), or pass {flag} with a local "
-                "checkpoint file")  # fmt: skip
+                f"machine with internet access (or set HF_HOME to a cache that has it){local}")  # fmt: skip
     if isinstance(e, hf.EntryNotFoundError):
         return (f"file {target.filename} not found in {target.repo} on the Hugging Face Hub; "
                 f"check the name on https://huggingface.co/{target.repo}/tree/{target.revision or 'main'}")  # fmt: skip

@@ -427,3 +427,8 @@ def test_the_offline_hint_names_the_commands_own_model_flag():
     for flag in ("-c", "-m"):
         with pytest.raises(BoothError, match=f"or pass {flag} with a local checkpoint file"):
             hub.find("someone/not-downloaded", flag)
+    # booth download has no model flag to suggest
+    for args in (["someone/not-downloaded"], ["someone/files", "other.ckpt"]):
+        with pytest.raises(BoothError, match="booth download") as e:
+            hub.download(*args)
+        assert "pass" not in str(e.value), e.value
