@@ -22,6 +22,7 @@ from .checkpoint import read_checkpoint, save_checkpoint
 from .config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
 from .data import Cycler, prepare
 from .device import autocast
+from .formats import CHECKPOINT_FOLDER
 from .images import save_png
 from .model import build
 from .options import DemoRecipe, Settings
@@ -92,7 +93,7 @@ class AutoencoderTask:
         return {"loss": rec + self.recipe.kl_weight * kl, "reconstruction": rec, "kl": kl}
 
     def save(self, run: Path, step: int) -> Path:
-        path = run / "ckpts" / f"vae-{step:06d}.safetensors"
+        path = run / CHECKPOINT_FOLDER / f"vae-{step:06d}.safetensors"
         path.parent.mkdir(exist_ok=True)
         sd = {k: v for k, v in self.model.state_dict().items() if k.startswith("first_stage_model.")}
         save_checkpoint(sd, path, config=DEMO)
@@ -163,7 +164,7 @@ class TextToImageTask:
         return {"loss": loss}
 
     def save(self, run: Path, step: int) -> Path:
-        path = run / "ckpts" / f"demo-{step:06d}.safetensors"
+        path = run / CHECKPOINT_FOLDER / f"demo-{step:06d}.safetensors"
         path.parent.mkdir(exist_ok=True)
         meta = {"booth.demo_recipe": repr(self.recipe), "booth.step": str(step)}
         save_checkpoint(
@@ -207,7 +208,7 @@ def train_demo(recipe: DemoRecipe, run: Path, dist: Dist, resume: bool = False) 
         folder.mkdir(parents=True, exist_ok=True)
     with locked(run, "training the demo model"):
         clean_stale(run, recursive=True)
-        vae_file = vae_run / "ckpts" / f"vae-{recipe.vae_steps:06d}.safetensors"
+        vae_file = vae_run / CHECKPOINT_FOLDER / f"vae-{recipe.vae_steps:06d}.safetensors"
         command = f"booth train-demo -r {run}"
         if not vae_file.exists():
             fit(AutoencoderTask(recipe, dist), recipe.vae_loop(), vae_run, dist, _has_state(vae_run, resume),

@@ -41,6 +41,7 @@ WEIGHTS_PREFERENCE = (
 LORA_FOLDER_FILE = (
     "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes into a folder
 )
+CHECKPOINT_FOLDER = "ckpts"  # where a training run (RUN/) keeps its checkpoints
 # booth's own small model, trained by booth on synthetic shapes and shipped in the package (see booth.demo).
 DEMO_FILE = Path(__file__).parent / "data" / "demo.safetensors"
 # safetensors dtype names and their sizes in bytes
@@ -184,6 +185,8 @@ def identify(path: Path) -> Found:
         files = sorted(
             (p for p in path.iterdir() if p.suffix in CHECKPOINT_SUFFIXES and p.is_file()), key=natural_key
         )
+        if not files and (path / CHECKPOINT_FOLDER).is_dir():  # a training run folder
+            return identify(path / CHECKPOINT_FOLDER)
         if not files:
             raise BoothError(
                 f"{path} holds no checkpoints (.safetensors, .ckpt) and is not a diffusers folder"

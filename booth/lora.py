@@ -382,6 +382,8 @@ def parse_spec(spec: str) -> tuple[Path, float]:
         path, weight = (Path(head), float(tail)) if sep and head else (Path(spec), 1.0)
     except ValueError:
         path, weight = Path(spec), 1.0
+        if Path(head).is_file() and not path.exists():
+            raise BoothError(f"--lora {spec}: the weight after ':' must be a number (got {tail!r})") from None
     check_weight(weight, spec)
     return path, weight
 

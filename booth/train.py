@@ -45,6 +45,7 @@ from .checkpoint import TEXT, UNET, NonFiniteWeights, file_hash, load_model, rea
 from .data import Augment, Cycler, ImageSet, find_images, prepare, readable_images
 from .device import autocast, out_of_memory, peak_memory_mb, pick_device, training_dtypes
 from .errors import BoothError
+from .formats import CHECKPOINT_FOLDER
 from .hub import find_model
 from .images import parameters_text, save_png
 from .lora import adapter_state, add_lora, kohya_metadata, load_adapter_state, save_lora
@@ -466,7 +467,7 @@ class DreamBooth:
         return {"loss": loss, "instance_loss": inst, "prior_loss": prior}
 
     def save(self, run: Path, step: int) -> Path:
-        path = run / "ckpts" / f"step-{step:06d}.safetensors"
+        path = run / CHECKPOINT_FOLDER / f"step-{step:06d}.safetensors"
         path.parent.mkdir(exist_ok=True)
         if self.lora is None:
             return save_model(
@@ -582,7 +583,7 @@ def fit(task: Task, loop: Loop, run: Path, dist: Dist, resume: bool = False, nam
             if saving:
                 dist.barrier()
     state.close()
-    return state.last_ckpt or run / "ckpts" / f"step-{state.step:06d}.safetensors"
+    return state.last_ckpt or run / CHECKPOINT_FOLDER / f"step-{state.step:06d}.safetensors"
 
 
 class _State:
@@ -732,7 +733,7 @@ def resume_state(run: Path, cfg: TrainConfig) -> Path | None:
     step (while making class images), which starts again at step 0 and keeps the class images it has."""
     path = newest_state(run)
     if path is None:
-        if any((run / "ckpts").glob("*.safetensors")) or _logged_steps(run / "metrics.jsonl"):
+        if any((run / CHECKPOINT_FOLDER).glob("*.safetensors")) or _logged_steps(run / "metrics.jsonl"):
             raise BoothError(
                 f"{run} has no saved training state to resume from ({run / 'state'} is empty or missing)"
             )

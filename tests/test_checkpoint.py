@@ -477,3 +477,20 @@ def test_a_pickled_lora_is_told_from_a_model_without_running_or_loading_it(sd, t
         "checkpoint",
         "lora",
     ]
+
+
+def test_a_run_folder_stands_for_its_checkpoints(sd, tmp_path):
+    """`-c outputs/run0` is what a user types after training: it means the run's ckpts/ folder."""
+    from booth.formats import identify
+
+    run = tmp_path / "run0"
+    (run / "ckpts").mkdir(parents=True)
+    (run / "args.yaml").write_text("class_name: dog\n")
+    save_checkpoint(sd, run / "ckpts" / "step-000010.safetensors")
+    found = identify(run)
+    assert found.kind == "folder" and [m.path for m in found.members] == [
+        run / "ckpts" / "step-000010.safetensors"
+    ]
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(BoothError, match="holds no checkpoints"):
+        identify(tmp_path / "plain")

@@ -434,7 +434,8 @@ def test_bad_lora_files(model, base, tmp_path, capsys, monkeypatch):
              "xl.safetensors": "this model does not have", "half.safetensors": "has no up weight",
              "junk.safetensors": "not a valid safetensors file", "missing.safetensors": "LoRA not found",
              "wide.safetensors:11": "out of range", "wide.safetensors:nan": "out of range",
-             "wide.safetensors:-10.5": "out of range", "rank0.safetensors": "has rank 0",
+             "wide.safetensors:-10.5": "out of range", "wide.safetensors:abc": "the weight after ':' must be a number",
+             "rank0.safetensors": "has rank 0",
              "noalpha.safetensors": "alpha is not one finite number",
              **{f"peft-{k}.safetensors": "malformed peft metadata" for k in ("json", "list", "alpha", "pattern")},
              "folder.safetensors": "LoRA not found"}  # fmt: skip
