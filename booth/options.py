@@ -95,6 +95,16 @@ def check_int(name: str, value: object, low: int, high: int | None = None) -> No
         raise BoothError(f"{name} must be {bounds} (got {value})")
 
 
+def check_seeds(seeds: object) -> list[int]:
+    """The seeds of a batch, one per image: whole numbers torch generators take."""
+    seeds = list(seeds) if isinstance(seeds, (list, tuple, range, str)) else [seeds]
+    if not seeds:
+        raise BoothError("give at least one seed (one image is made per seed)")
+    for seed in seeds:
+        check_int("seed", seed, 0, MAX_SEED)
+    return seeds
+
+
 def check_number(
     name: str, value: object, low: float = 0.0, high: float = math.inf, open_low: bool = False
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -19,10 +20,10 @@ from .checkpoint import Checkpoint, file_hash, load_model, read_checkpoint
 from .config import ModelConfig
 from .errors import BoothError
 from .hub import find_model
-from .images import to_pil, to_tensor
+from .images import load_image, to_pil, to_tensor
 from .lora import LoRA, merge, restore
 from .model import LatentDiffusion
-from .options import Settings, check_strength, check_text
+from .options import Settings, check_seeds, check_strength, check_text
 from .tokenizer import get_tokenizer
 
 __all__ = ["Settings", "StableDiffusion", "resolve_settings", "steps_to_run"]
@@ -124,9 +125,10 @@ class StableDiffusion:
                          strength: float = 0.75) -> Iterator[dict]:  # fmt: skip
         """Yield the sampler's state after each step (`x`, `denoised`, `i`, `sigma`, ...); the final dict also
         carries `latents`, the result ready for `decode`. With `image` (1,3,H,W in [-1,1]) this is img2img."""
-        s = self.resolve(settings or Settings())
-        s.validate()
-        generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+        settings = settings or Settings()
+        settings.validate()  # as given: a value the sampler ignores must still be a valid one
+        s = self.resolve(settings)
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in check_seeds(seeds)]
         cond, uncond = self.encode_prompt(
             prompt, negative_prompt, s.clip_skip
         )  # (1, L, C): guidance broadcasts
@@ -185,9 +187,15 @@ class StableDiffusion:
     def img2img(self, image: Image.Image | torch.Tensor, prompt: str, negative_prompt: str = "",
                 seeds: Sequence[int] = (0,), strength: float = 0.75, settings: Settings | None = None,
                 callback=None, **kwargs) -> list[Image.Image]:  # fmt: skip
-        """Repaint `image`: a PIL image, resized to the settings' size (see `resolve`), or a (1,3,H,W) tensor in
-        [-1, 1], used at its own size."""
+        """Repaint `image`: a PIL image or an image file, resized to the settings' size (see `resolve`), or a
+        (1,3,H,W) tensor in [-1, 1], used at its own size."""
         s = _settings(settings, kwargs)
+        if isinstance(image, (str, os.PathLike)):
+            image = load_image(image)
+        elif not isinstance(image, (Image.Image, torch.Tensor)):
+            raise TypeError(
+                f"image must be a PIL image, an image file or a (1, 3, H, W) tensor, not {image!r}"
+            )
         if isinstance(image, torch.Tensor):
             s.height, s.width = image.shape[-2:]
             return self._run(prompt, negative_prompt, seeds, s, image, strength, callback)

@@ -161,3 +161,34 @@ def test_the_stochastic_samplers_draw_noise_through_the_api(weights):
         assert np.allclose(
             run(sampler=noisy, eta=0.0), run(sampler=plain, schedule="karras"), atol=1 / 255
         ), noisy
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(seeds=[-1]), "seed must be between 0 and"),
+        (dict(seeds=[2**70]), "seed must be between 0 and"),
+        (dict(seeds=[1.5]), "seed must be a whole number"),
+        (dict(seeds="abc"), "seed must be a whole number"),
+        (dict(seeds=[]), "at least one seed"),
+        (dict(eta="a"), "--eta must be a finite number"),  # checked as given, even for a sampler with no eta
+    ],
+)
+def test_the_api_checks_seeds_and_settings_as_the_cli_does(weights, kwargs, message):
+    from booth.errors import BoothError
+
+    sd = StableDiffusion(weights[1])
+    with pytest.raises(BoothError, match=message):
+        sd.txt2img(PROMPT, **{"seeds": [0], "steps": 1, "height": 16, "width": 16, **kwargs})
+
+
+def test_img2img_takes_an_image_file_too(weights, reference, tmp_path):
+    _, _, init = reference
+    init.save(tmp_path / "init.png")
+    sd = StableDiffusion(weights[1])
+    run = lambda image: pixels(
+        sd.img2img(image, PROMPT, seeds=[SEED], strength=0.6, steps=2, height=32, width=32)
+    )  # noqa: E731
+    assert np.array_equal(run(tmp_path / "init.png"), run(init))
+    with pytest.raises(TypeError, match="a PIL image, an image file or a"):
+        sd.img2img(None, PROMPT)
