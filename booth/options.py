@@ -342,6 +342,7 @@ class TrainConfig(Loop, Noise):
         self.sampling().validate()
         self._validate_training()
         self._validate_lora()
+        check_fields(self)  # last, so that the checks above give their own messages
 
     def _validate_training(self) -> None:
         check_number("--lamb", self.lamb)
@@ -482,21 +483,40 @@ def _from_yaml(cls, text: str, source: str):
 def _typed(name: str, value: object, hint):
     """`value`, read from a file, checked against its field's annotation (a hand-edited file may say anything).
     YAML reads 1e-4 (no dot) as text; such text is taken as the number it spells."""
-    args = typing.get_args(hint)
-    if value is None and type(None) in args:
-        return value
-    kind = next((a for a in args if a is not type(None)), hint) if args and typing.get_origin(hint) in (
-        typing.Union, types.UnionType) else hint  # fmt: skip
-    origin, inner = typing.get_origin(kind) or kind, typing.get_args(kind)
-    if kind is float and isinstance(value, str):
+    if _kind(hint) is float and isinstance(value, str):
         with contextlib.suppress(ValueError):
             value = float(value)
+    _check_type(name, value, hint)
+    return value
+
+
+def check_fields(obj) -> None:
+    """Every field of the dataclass `obj` holds a value of its annotated type: from Python, anything can reach
+    any field, and a wrong type would fail far from here (a string of devices iterated letter by letter)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        _check_type(f"--{f.name.replace('_', '-')}", getattr(obj, f.name), hints[f.name])
+
+
+def _kind(hint):
+    """The annotation without its `| None`."""
+    args = typing.get_args(hint)
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    return next((a for a in args if a is not type(None)), hint) if args and union else hint
+
+
+def _check_type(name: str, value: object, hint) -> None:
+    if value is None and type(None) in typing.get_args(hint):
+        return
+    kind = _kind(hint)
+    origin, inner = typing.get_origin(kind) or kind, typing.get_args(kind)
     if origin in (tuple, list):
-        ok = isinstance(value, (tuple, list)) and all(isinstance(v, inner[0]) for v in value)
+        ok = isinstance(value, origin if origin is list else (tuple, list)) and all(
+            isinstance(v, inner[0]) and not isinstance(v, bool) for v in value
+        )
     elif kind in (int, float):
         ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
     else:
         ok = isinstance(value, kind)
     if not ok:
-        raise BoothError(f"{name} should be {getattr(kind, '__name__', kind)}, not {value!r}")
-    return value
+        raise BoothError(f"{name} should be {getattr(origin, '__name__', kind)}, not {value!r}")

@@ -150,6 +150,12 @@ DOG = dict(class_name="dog", instance_dir="photos")
         (dict(lora_alpha=4.0), "--lora-alpha only apply with --lora RANK"),
         (dict(lora=4, train_text_encoder=True), "with --lora use --lora-text-encoder"),
         (dict(precision="fp8"), "unknown --precision 'fp8'"),
+        # from Python, any value can reach any field
+        (dict(devices="cpu"), "--devices should be list, not 'cpu'"),
+        (dict(flip="yes"), "--flip should be bool, not 'yes'"),
+        (dict(instance_dir=5), "--instance-dir should be str, not 5"),
+        (dict(hw=(64.0, 64.0)), "height and width must be positive multiples of 8"),
+        (dict(cache_latents=1), "--cache-latents should be bool, not 1"),
     ],
 )
 def test_train_config_validate(kwargs, message):
