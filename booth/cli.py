@@ -122,7 +122,7 @@ DREAMBOOTH = (  # booth.options.TrainConfig
     Flag("--save-precision", "save_precision", "checkpoint dtype (default {default}, 2 GB for SD1)",
          {"choices": SAVE_PRECISIONS}),
     Flag("--gradient-checkpointing", "gradient_checkpointing", "recompute activations: less memory, slower"),
-    Flag("--optimizer", "optimizer", "adamw8bit needs: pip install 'booth[8bit]' (default {default})",
+    Flag("--optimizer", "optimizer", "adamw8bit (needs pip install 'booth[8bit]') and adafactor keep far less state (default {default})",
          {"choices": OPTIMIZERS}),
     Flag("--cache-latents", "cache_latents", "encode images once (turns off resize and colour augmentation)"),
     Flag("--noise-offset", "noise_offset", "noise offset, e.g. 0.05 (default {default})"),

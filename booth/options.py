@@ -53,7 +53,8 @@ TRAIN_TIMESTEPS = 1000  # every SD family is trained on 1000 discrete timesteps
 MAX_STEPS = TRAIN_TIMESTEPS  # more sampling steps than training timesteps only repeat work
 PRECISIONS = ("fp32", "fp16", "bf16", "full", "autocast")  # full and autocast: the seed tool's names
 SAVE_PRECISIONS = ("fp16", "fp32")
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
+WEIGHT_DECAY = 1e-2  # decoupled (AdamW-style), whichever optimizer
 LR_SCHEDULES = ("constant", "cosine")
 # LoRA targets: module paths (regexes under the UNet) each `--lora-targets` choice adapts. `all` is LoCon-style: the
 # rest of the UNet's Linear and Conv2d layers except conv_in and conv_out (kohya's conv_dim covers ResBlocks and the

@@ -49,7 +49,8 @@ from .formats import CHECKPOINT_FOLDER
 from .hub import find_model
 from .images import parameters_text, save_png
 from .lora import adapter_state, add_lora, kohya_metadata, load_adapter_state, save_lora
-from .options import Loop, Noise, Settings, TrainConfig
+from .optim import Adafactor
+from .options import WEIGHT_DECAY, Loop, Noise, Settings, TrainConfig
 from .pipeline import StableDiffusion
 from .sampling import randn
 
@@ -710,7 +711,9 @@ def learning_rate(loop: Loop, step: int) -> float:
 
 
 def _optimizer(loop: Loop, params: list) -> torch.optim.Optimizer:
-    kw = dict(lr=loop.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    if loop.optimizer == "adafactor":
+        return Adafactor(params, lr=loop.learning_rate, weight_decay=WEIGHT_DECAY)
+    kw = dict(lr=loop.learning_rate, betas=(0.9, 0.999), weight_decay=WEIGHT_DECAY, eps=1e-8)
     if loop.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb  # optional: pip install 'booth[8bit]'

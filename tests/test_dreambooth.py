@@ -182,6 +182,24 @@ def test_resume_from_any_save_point_is_bitwise_identical(base, tmp_path):
     assert [p.name for p in (part / "state").iterdir()] == ["step-000006.pt"], "only the newest state is kept"
 
 
+def test_adafactor_trains_resumes_bitwise_and_keeps_factored_moments(base, tmp_path):
+    common = ["--save-precision", "fp32", "--learning-rate", "1e-3", "-s", "2", "--optimizer", "adafactor"]
+    whole = dreambooth(base, tmp_path / "whole", "--iterations", "4", *common) / "run0"
+    part = dreambooth(base, tmp_path / "part", "--iterations", "2", *common) / "run0"
+    assert main(["dreambooth", "-r", str(part), "--iterations", "4"]) == 0
+    name = "step-000004.safetensors"
+    assert (whole / "ckpts" / name).read_bytes() == (part / "ckpts" / name).read_bytes()
+    assert unet_of(whole / "ckpts" / name).keys() == unet_of(base).keys()
+    assert any(not torch.equal(a, b) for a, b in zip(unet_of(whole / "ckpts" / name).values(),
+                                                     unet_of(base).values()))  # fmt: skip
+    state = torch.load(part / "state" / "step-000004.pt", weights_only=True)
+    moments = sum(
+        v.numel() for s in state["optimizer"]["state"].values() for v in s.values() if torch.is_tensor(v)
+    )
+    weights = sum(v.numel() for v in unet_of(base).values())
+    assert moments < weights / 5, (moments, weights)  # AdamW keeps 2 * weights
+
+
 def env():
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
