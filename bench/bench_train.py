@@ -8,6 +8,10 @@ the DreamBooth loss (prior preservation), gradient clipping, AdamW. Full SD1 con
     python bench/bench_train.py --gradient-checkpointing
     python bench/bench_train.py --device cuda --precision fp16 --size 512 --steps 20 --gradient-checkpointing
     python bench/bench_train.py --lora 4                           # LoRA and full fine-tuning side by side
+    python bench/bench_train.py --optimizer adafactor --fused-backward
+
+--optimizer adafactor is transformers' Adafactor with kohya's settings on the diffusers side. --fused-backward
+is booth's alone (diffusers' script has no such step): the diffusers side then steps after the backward pass.
 
 With --lora RANK both sides also train rank-RANK adapters on the attention projections of a frozen UNet
 (booth's --lora; diffusers: peft adapters added with UNet2DConditionModel.add_adapter, as its LoRA DreamBooth
@@ -49,7 +53,7 @@ def worker_booth(args) -> dict:
     cfg = TrainConfig(class_name="dog", instance_dir=args.instance_dir, model=args.model, class_dir=args.class_dir,
                       class_img_count=2, hw=(args.size, args.size), iterations=args.steps, precision=args.precision,
                       gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
-                      devices=[args.device], lora=args.lora or None)  # fmt: skip
+                      fused_backward=args.fused_backward, devices=[args.device], lora=args.lora or None)  # fmt: skip
     try:
         run = train(cfg, out).parents[1]  # OUT/run0/ckpts/step-N.safetensors
         m = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -96,6 +100,11 @@ def worker_diffusers(args) -> dict:
         import bitsandbytes as bnb
 
         opt = bnb.optim.AdamW8bit(params, lr=1e-4 if args.lora else 5e-6, weight_decay=1e-2)
+    elif args.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        opt = Adafactor(params, lr=1e-4 if args.lora else 5e-6, weight_decay=1e-2, scale_parameter=False,
+                        relative_step=False, warmup_init=False)  # fmt: skip
     else:
         opt = torch.optim.AdamW(params, lr=1e-4 if args.lora else 5e-6, weight_decay=1e-2)
     scaler = torch.amp.GradScaler(device.type, enabled=half == torch.float16)
@@ -154,6 +163,7 @@ def spawn(which: str, model: Path, args) -> dict:
            "--instance-dir", str(args.instance_dir), "--class-dir", str(args.class_dir)]  # fmt: skip
     cmd += ["--precision", args.precision] if args.precision else []
     cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+    cmd += ["--fused-backward"] if args.fused_backward else []
     cmd += ["--lora", str(args.lora)] if args.lora else []
     return run_worker(cmd, which)
 
@@ -164,7 +174,8 @@ def main() -> None:
     p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"])
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "adafactor"])
+    p.add_argument("--fused-backward", action="store_true", help="booth only: the step fused into backward")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--lora", type=int, default=0, metavar="RANK", help="also run LoRA training of this rank")
     p.add_argument("--workdir", type=Path, default=Path(__file__).parent / ".cache")
@@ -188,6 +199,7 @@ def main() -> None:
     print(f"DreamBooth step, SD1 random weights, {args.device} {args.precision or 'default precision'}, "
           f"{args.size}x{args.size}, 1 instance + 1 class image, {args.optimizer}"
           f"{', gradient checkpointing' if args.gradient_checkpointing else ''}"
+          f"{', booth with --fused-backward' if args.fused_backward else ''}"
           f"{f', LoRA rank {rank} on attention' if rank else ''}")  # fmt: skip
     pairs = [("booth", "diffusers")] + ([("booth LoRA", "diffusers LoRA")] if rank else [])
     print(

@@ -3,7 +3,8 @@
 #
 #   1. bench_inference.py: booth vs diffusers txt2img, SD1 random weights, fp16, 512x512, 20 DDIM steps, batch 1;
 #   2. bench_train.py: DreamBooth step (prior preservation), fp16 mixed precision, 512: full fine-tuning and LoRA
-#      (--lora), then full fine-tuning with --gradient-checkpointing;
+#      (--lora), then full fine-tuning with --gradient-checkpointing, then booth's lean step (bf16, Adafactor,
+#      --fused-backward, gradient checkpointing) against diffusers' modules with the same optimizer;
 #   3. the CLI on tiny random weights: dreambooth (fp16 + gradient checkpointing, bf16 + text encoder, fp16 LoRA),
 #      txt2img (base, trained checkpoints, LoRA), img2img, and `txt2img -m demo` when booth/data/demo.safetensors
 #      exists. Each must exit 0 and write its checkpoints/images.
@@ -96,6 +97,9 @@ step bench-train-full+lora 240 bench.log "$PY" bench/bench_train.py --device "$D
     --size "$SIZE" --steps "$TRAIN_STEPS" --lora "$LORA_RANK" --workdir "$WORKDIR"
 step bench-train-full-gc 180 bench.log "$PY" bench/bench_train.py --device "$DEVICE" --precision "$PRECISION" \
     --size "$SIZE" --steps "$TRAIN_STEPS" --gradient-checkpointing --workdir "$WORKDIR"
+step bench-train-lean 180 bench.log "$PY" bench/bench_train.py --device "$DEVICE" --precision bf16 \
+    --size "$SIZE" --steps "$TRAIN_STEPS" --gradient-checkpointing --optimizer adafactor --fused-backward \
+    --workdir "$WORKDIR"
 
 # ---------------------------------------------------------------------------------- 3. the CLI on tiny weights
 reserve=0
@@ -114,6 +118,11 @@ for p in $TINY_PRECISIONS; do
     check "dreambooth-$p-gc-checkpoint" has "$o/full/run0/ckpts" "*.safetensors"
     step "dreambooth-$p-text-encoder" 90 cli.log "$PY" -m booth "${DB[@]}" --precision "$p" -t -o "$o/te"
     check "dreambooth-$p-text-encoder-checkpoint" has "$o/te/run0/ckpts" "*.safetensors"
+    if [ "$p" != fp16 ]; then # the fused step refuses fp16 loss scaling
+        step "dreambooth-$p-fused" 90 cli.log "$PY" -m booth "${DB[@]}" --precision "$p" --fused-backward \
+            --optimizer adafactor -o "$o/fused"
+        check "dreambooth-$p-fused-checkpoint" has "$o/fused/run0/ckpts" "*.safetensors"
+    fi
     step "dreambooth-$p-lora" 90 cli.log "$PY" -m booth "${DB[@]}" --precision "$p" --lora 4 -o "$o/lora"
     check "dreambooth-$p-lora-file" has "$o/lora/run0/ckpts" "*.safetensors"
     step "txt2img-$p-base" 60 cli.log "$PY" -m booth txt2img -c "$BASE" "${GEN[@]}" --precision "$p" -v 2 -b 2 \

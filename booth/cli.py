@@ -114,7 +114,7 @@ DREAMBOOTH = (  # booth.options.TrainConfig
     Flag("--lr-warmup", "lr_warmup", "linear warm-up steps (default {default})"),
     Flag("--lr-schedule", "lr_schedule", "constant, or cosine decay to 0 (default {default})",
          {"choices": LR_SCHEDULES}),
-    Flag("--max-grad-norm", "max_grad_norm", "clip the gradients' global norm to N; 0 turns it off "
+    Flag("--max-grad-norm", "max_grad_norm", "clip the gradients' global norm (each tensor's with --fused-backward) to N; 0 turns it off "
                                              "(default {default})", {"metavar": "N"}),
     Flag("--seed", "seed", "data order, augmentation and noise (default {default})"),
     Flag("--precision", "precision", "mixed precision with fp32 master weights (default: fp16 on CUDA, fp32 "
@@ -122,8 +122,10 @@ DREAMBOOTH = (  # booth.options.TrainConfig
     Flag("--save-precision", "save_precision", "checkpoint dtype (default {default}, 2 GB for SD1)",
          {"choices": SAVE_PRECISIONS}),
     Flag("--gradient-checkpointing", "gradient_checkpointing", "recompute activations: less memory, slower"),
-    Flag("--optimizer", "optimizer", "adamw8bit (needs pip install 'booth[8bit]') and adafactor keep far less state (default {default})",
-         {"choices": OPTIMIZERS}),
+    Flag("--optimizer", "optimizer", "adamw8bit (needs pip install 'booth[8bit]') and adafactor keep far less "
+                                     "state (default {default})", {"choices": OPTIMIZERS}),
+    Flag("--fused-backward", "fused_backward", "step each weight as soon as its gradient is complete, so the "
+                                               "gradients never all exist (clipping is then per tensor)"),
     Flag("--cache-latents", "cache_latents", "encode images once (turns off resize and colour augmentation)"),
     Flag("--noise-offset", "noise_offset", "noise offset, e.g. 0.05 (default {default})"),
     Flag("--pyramid-noise", "pyramid_noise", "multi-resolution noise, each coarser level DISCOUNT times the finer "

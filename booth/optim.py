@@ -1,4 +1,5 @@
-"""Optimizers torch does not provide in the form DreamBooth recipes need.
+"""Optimizers torch does not provide in the form DreamBooth recipes need, and the optimizer step fused into the
+backward pass.
 
 `Adafactor` (Shazeer & Stern, 2018) keeps, for each matrix, only the running means of g² over its rows and over
 its columns, instead of Adam's two full-size moments: for SD1's UNet that is megabytes of optimizer state instead
@@ -11,7 +12,7 @@ dimensions, as transformers does, would keep O*I*(k + k) values: more than it sa
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -70,3 +71,63 @@ class Adafactor(torch.optim.Optimizer):
         weights.sub_(update.view_as(p))
         if weights is not p:
             p.copy_(weights)
+
+
+class StepInBackward:
+    """The optimizer step fused into the backward pass: each parameter is stepped by an optimizer of its own as
+    soon as its gradient is complete (`register_post_accumulate_grad_hook`), and the gradient is freed, so the
+    gradients of the whole model never coexist.
+
+    What that changes, compared with one step after the backward pass:
+    - clipping is per tensor (each gradient to norm `max_norm`, as kohya and OneTrainer do): the global norm is
+      not known until every gradient has been computed, and by then most of them are gone;
+    - with gradient accumulation only the last micro-batch's backward pass steps (`armed`); the earlier ones
+      accumulate as usual, so accumulation then saves no gradient memory;
+    - over several processes each gradient is averaged by its own all-reduce before its step (the model is not
+      wrapped in DistributedDataParallel, whose bucketed all-reduce would still be running);
+    - fp16 loss scaling cannot work: an overflow in the last gradient is found after the others have stepped,
+      so the combination is refused where a run is configured.
+    `state_dict` holds every parameter's optimizer state, so a resumed run continues bitwise."""
+
+    def __init__(self, params: list[torch.Tensor], make: Callable[[list], torch.optim.Optimizer],
+                 max_norm: float = 0.0, world: int = 1):  # fmt: skip
+        self.max_norm, self.world, self.armed = max_norm, world, True
+        self.optimizers = [make([p]) for p in params]
+        self._handles = [
+            p.register_post_accumulate_grad_hook(self._hook(o)) for p, o in zip(params, self.optimizers)
+        ]
+
+    def _hook(self, optimizer: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:
+        def step(p: torch.Tensor) -> None:
+            if not self.armed:
+                return
+            if self.world > 1:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= self.world
+            if self.max_norm:
+                torch.nn.utils.clip_grad_norm_([p], self.max_norm)
+            optimizer.step()
+            p.grad = None
+
+        return step
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"per_parameter": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        states = state["per_parameter"]
+        if len(states) != len(self.optimizers):
+            raise ValueError(
+                f"the state holds {len(states)} parameters' optimizers, this run {len(self.optimizers)}"
+            )
+        for optimizer, s in zip(self.optimizers, states):
+            optimizer.load_state_dict(s)
+
+    def close(self) -> None:
+        """Remove the hooks, so that the parameters train normally again."""
+        for handle in self._handles:
+            handle.remove()

@@ -229,6 +229,7 @@ class Loop:
     max_grad_norm: float = 1.0  # global gradient-norm clipping; 0 turns it off
     grad_accum: int = 1
     optimizer: str = "adamw"
+    fused_backward: bool = False  # step each parameter inside the backward pass (booth.optim.StepInBackward)
     save_every: int | None = None  # None: only at the end
     sample_every: int | None = None
 
@@ -356,6 +357,9 @@ class TrainConfig(Loop, Noise):
         check_int("--seed", self.seed, 0, MAX_TRAIN_SEED)
         check_choice("--precision", self.precision or "fp32", PRECISIONS)
         check_choice("--save-precision", self.save_precision, SAVE_PRECISIONS)
+        if self.fused_backward and self.precision in ("fp16", "autocast"):
+            raise BoothError("--fused-backward cannot skip a step after an fp16 overflow (each weight steps during "
+                             "the backward pass): use --precision bf16 or fp32")  # fmt: skip
         if self.hw is not None and len(self.hw) != 2:
             raise BoothError(f"--hw takes a height and a width (got {self.hw})")
 

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -49,14 +50,15 @@ from .formats import CHECKPOINT_FOLDER
 from .hub import find_model
 from .images import parameters_text, save_png
 from .lora import adapter_state, add_lora, kohya_metadata, load_adapter_state, save_lora
-from .optim import Adafactor
+from .optim import Adafactor, StepInBackward
 from .options import WEIGHT_DECAY, Loop, Noise, Settings, TrainConfig
 from .pipeline import StableDiffusion
 from .sampling import randn
 
 STATE_FORMAT = 1
-MEMORY_HINT = ("while training: try --gradient-checkpointing, --optimizer adamw8bit, --cache-latents, --precision "
-               "fp16, --batch-size 1 or a smaller --hw; --lora needs far less memory")  # fmt: skip
+MEMORY_HINT = ("while training: try --fused-backward, --optimizer adafactor (or adamw8bit), --gradient-checkpointing, "
+               "--cache-latents, --precision bf16 or fp16, --batch-size 1 or a smaller --hw; --lora needs far less "
+               "memory")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the losses
@@ -160,8 +162,9 @@ def broadcast(obj, dist: Dist):
     return box[0]
 
 
-def _wrap_ddp(module: torch.nn.Module, dist: Dist):
-    if dist.world == 1:
+def _wrap_ddp(module: torch.nn.Module, dist: Dist, fused: bool = False):
+    """DDP over several processes; with the fused step each gradient is all-reduced in its own hook instead."""
+    if dist.world == 1 or fused:
         return module
     ids = [dist.device.index] if dist.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
@@ -260,7 +263,9 @@ class Base:
 
 def load_base(cfg: TrainConfig, path: Path, dist: Dist) -> Base:
     device = dist.device
-    amp_dtype, frozen = training_dtypes(cfg.precision, device)
+    # the fused step cannot skip a step after an fp16 overflow, so on a GPU it defaults to bf16
+    precision = cfg.precision or ("bf16" if cfg.fused_backward and device.type == "cuda" else None)
+    amp_dtype, frozen = training_dtypes(precision, device)
     ckpt = read_checkpoint(path)
     base_hash = file_hash(path) if path.is_file() else ""
     # Frozen networks are saved as the base had them; their device copies hold exactly those values unless
@@ -426,7 +431,7 @@ class DreamBooth:
         if cfg.train_text_encoder:
             self.model.text_encoder.requires_grad_(True).train()
             self.params += list(self.model.text_encoder.parameters())
-        self.unet = _wrap_ddp(self.model.unet, dist)
+        self.unet = _wrap_ddp(self.model.unet, dist, cfg.fused_backward)
         self.alphas_cumprod = self.sd.schedule.alphas_cumprod.to(dist.device)
         self.encode_text = self._prompts(dist)
         self.meta = self._metadata()
@@ -435,7 +440,7 @@ class DreamBooth:
         """The instance and class prompts' embeddings (2, L, C): encoded once, unless the text encoder trains."""
         ids = self.sd.tokenizer([self.cfg.instance_text, self.cfg.class_text]).to(dist.device)
         if self.cfg.train_text_encoder or (self.cfg.lora and self.cfg.lora_text_encoder):
-            text_encoder = _wrap_ddp(self.model.text_encoder, dist)
+            text_encoder = _wrap_ddp(self.model.text_encoder, dist, self.cfg.fused_backward)
             return lambda: _encode(text_encoder, ids, self.amp)
         with torch.no_grad():
             fixed = _encode(self.model.text_encoder, ids, self.amp)
@@ -592,7 +597,11 @@ class _State:
 
     def __init__(self, task: Task, loop: Loop, run: Path, dist: Dist, resume_command: str):
         self.task, self.loop, self.run, self.dist, self.resume_command = task, loop, run, dist, resume_command
-        self.optimizer = _optimizer(loop, task.params)
+        if loop.fused_backward and task.amp_dtype == torch.float16:
+            raise BoothError("--fused-backward cannot skip a step after an fp16 overflow (each weight steps during "
+                             "the backward pass): use --precision bf16 or fp32")  # fmt: skip
+        self.optimizer = (StepInBackward(task.params, partial(_optimizer, loop), loop.max_grad_norm, dist.world)
+                          if loop.fused_backward else _optimizer(loop, task.params))  # fmt: skip
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=task.amp_dtype == torch.float16)
         self.step, self.last_ckpt, self.t_last = 0, None, time.perf_counter()
         self.writer = _tensorboard(run) if dist.main else None
@@ -618,7 +627,9 @@ class _State:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         totals = {}
-        for _ in range(self.loop.grad_accum):
+        for i in range(self.loop.grad_accum):
+            if self.loop.fused_backward:  # only the last micro-batch's backward pass steps
+                self.optimizer.armed = i == self.loop.grad_accum - 1
             losses = self.task.losses()
             self.scaler.scale(losses["loss"] / self.loop.grad_accum).backward()
             for k, v in losses.items():
@@ -631,14 +642,18 @@ class _State:
         if not math.isfinite(logged["loss"]):
             raise BoothError(f"the loss became {logged['loss']} at step {self.step + 1}; stopping. {self._last_good()}. "
                              "Try a lower --learning-rate, or --precision bf16 or fp32")  # fmt: skip
+        if not self.loop.fused_backward:  # else each parameter has stepped already
+            self._step()
+        self.step += 1
+        return {**logged, "lr": lr}
+
+    def _step(self) -> None:
         self.scaler.unscale_(self.optimizer)
         if self.loop.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.task.params, self.loop.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        return {**logged, "lr": lr}
 
     def after_step(self, logged: dict, saving: bool) -> None:
         if not self.dist.main:
@@ -684,6 +699,8 @@ class _State:
         raise Interrupted(f"stopped at step {self.step}; continue with: {self.resume_command}")
 
     def close(self) -> None:
+        if isinstance(self.optimizer, StepInBackward):
+            self.optimizer.close()
         if self.writer is not None:
             self.writer.close()
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from helpers import (
     diffusers_unet,
@@ -23,6 +24,7 @@ from helpers import (
 from booth.checkpoint import UNET, read_checkpoint, save_checkpoint
 from booth.cli import main
 from booth.config import TINY
+from booth.formats import safetensors_metadata
 from booth.model import random_weights
 from booth.train import dreambooth_loss, min_snr_weights, pyramid_noise
 
@@ -292,7 +294,24 @@ def test_nan_loss_stops_with_a_clear_message(base, tmp_path, monkeypatch, capsys
     assert read_checkpoint(tmp_path / "run0" / "ckpts" / "step-000002.safetensors")
 
 
-def test_two_processes_equal_one_with_twice_the_batch(base, tmp_path):
+@pytest.mark.parametrize("lora", [[], ["--lora", "4"]], ids=["full", "lora"])
+def test_the_fused_step_trains_as_the_plain_one_and_resumes_bitwise(base, tmp_path, lora):
+    """Without clipping the fused step is the same arithmetic, parameter by parameter."""
+    common = ["--save-precision", "fp32", "--learning-rate", "1e-3", "-s", "2", "--max-grad-norm", "0", *lora]
+    plain = dreambooth(base, tmp_path / "plain", "--iterations", "4", *common) / "run0"
+    fused = dreambooth(base, tmp_path / "fused", "--iterations", "4", "--fused-backward", *common) / "run0"
+    part = dreambooth(base, tmp_path / "part", "--iterations", "2", "--fused-backward", *common) / "run0"
+    assert main(["dreambooth", "-r", str(part), "--iterations", "4"]) == 0
+    name = "step-000004.safetensors"
+    assert (fused / "ckpts" / name).read_bytes() == (part / "ckpts" / name).read_bytes()
+    a, b = (safetensors.torch.load_file(r / "ckpts" / name) for r in (plain, fused))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in metrics(plain)] == [r["loss"] for r in metrics(fused)]
+    assert json.loads(safetensors_metadata(fused / "ckpts" / name)["booth.train"])["fused_backward"] is True
+
+
+@pytest.mark.parametrize("step", [[], ["--fused-backward", "--max-grad-norm", "0"]], ids=["plain", "fused"])
+def test_two_processes_equal_one_with_twice_the_batch(base, tmp_path, step):
     import numpy as np
     from PIL import Image
 
@@ -310,6 +329,7 @@ def test_two_processes_equal_one_with_twice_the_batch(base, tmp_path):
         "fp32",
         "--class-dir",
         str(tmp_path / "cls"),
+        *step,
     ]
     cmd = [
         sys.executable,
@@ -398,6 +418,10 @@ def test_non_images_are_skipped_with_a_warning(base, tmp_path, capsys):
         (["--optimizer", "adamw8bit"], "pip install 'booth[8bit]'"),
         (["-d", "tpu"], "unknown device"),
         (["--sampler", "nope"], "unknown sampler"),
+        (
+            ["--fused-backward", "--precision", "fp16"],
+            "--fused-backward cannot skip a step after an fp16 overflow",
+        ),
     ],
 )
 def test_bad_flags_fail_before_loading(base, tmp_path, capsys, monkeypatch, args, message):
@@ -445,7 +469,8 @@ def test_out_of_memory_names_the_memory_flags(base, tmp_path, capsys, monkeypatc
     monkeypatch.setattr(booth.train, "diffusion_loss", oom)
     dreambooth(base, tmp_path, "--iterations", "2", "-l", "0", expect=1)
     message = error_of(capsys)
-    for flag in ("--gradient-checkpointing", "--optimizer adamw8bit", "--cache-latents", "--batch-size"):
+    for flag in ("--fused-backward", "--optimizer adafactor", "adamw8bit", "--gradient-checkpointing", "--cache-latents",
+                 "--batch-size"):  # fmt: skip
         assert flag in message
 
 

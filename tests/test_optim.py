@@ -90,3 +90,114 @@ def test_a_saved_and_loaded_state_continues_bitwise():
         p.grad = g.clone()
         resumed.step()
     assert torch.equal(p.detach(), whole)
+
+
+# ----------------------------------------------------------------------------- the step fused into backward
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GELU(), torch.nn.Linear(16, 16), torch.nn.GELU(),
+                               torch.nn.Linear(16, 3))  # fmt: skip
+
+
+def batches(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 6, generator=g), torch.randn(4, 3, generator=g)) for _ in range(n)]
+
+
+def adamw(params):
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=1e-2, foreach=False)
+
+
+def loss_of(model, batch):
+    x, y = batch
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def plain_run(data, accum=1, clip_each=0.0):
+    """The reference: one optimizer stepped after the backward pass (per-tensor clipping done by hand)."""
+    model = mlp()
+    opt = adamw(list(model.parameters()))
+    for k in range(0, len(data), accum):
+        for batch in data[k : k + accum]:
+            (loss_of(model, batch) / accum).backward()
+        for p in model.parameters():
+            if clip_each:
+                torch.nn.utils.clip_grad_norm_([p], clip_each)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model
+
+
+def fused_run(data, accum=1, max_norm=0.0, state=None, start=0):
+    from booth.optim import StepInBackward
+
+    model = mlp()
+    if state is not None:
+        model.load_state_dict(state["model"])
+    fused = StepInBackward(list(model.parameters()), adamw, max_norm)
+    if state is not None:
+        fused.load_state_dict(state["optimizer"])
+    for k in range(start, len(data), accum):
+        for i, batch in enumerate(data[k : k + accum]):
+            fused.armed = i == accum - 1
+            (loss_of(model, batch) / accum).backward()
+    return model, fused
+
+
+def same_weights(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_the_fused_step_gives_the_plain_steps_weights():
+    data = batches(4)
+    model, _ = fused_run(data)
+    assert same_weights(model, plain_run(data))
+    assert not same_weights(model, mlp())
+    assert all(p.grad is None for p in model.parameters()), "every gradient is freed once used"
+
+
+def test_the_gradients_of_the_whole_model_never_coexist():
+    from booth.optim import StepInBackward
+
+    model = mlp()
+    params = list(model.parameters())
+    live = []
+    for p in params:  # registered first, so it runs before the step frees this gradient
+        p.register_post_accumulate_grad_hook(lambda _: live.append(sum(q.grad is not None for q in params)))
+    StepInBackward(params, adamw)
+    loss_of(model, batches(1)[0]).backward()
+    assert len(live) == len(params) and max(live) == 1, live
+    live.clear()
+    for p in params:
+        p.grad = None
+    model2 = mlp()  # without the fused step, all of them are alive by the end
+    params2 = list(model2.parameters())
+    for p in params2:
+        p.register_post_accumulate_grad_hook(lambda _: live.append(sum(q.grad is not None for q in params2)))
+    loss_of(model2, batches(1)[0]).backward()
+    assert max(live) == len(params2)
+
+
+def test_fused_clipping_is_per_tensor_and_accumulation_steps_once():
+    data = batches(6)
+    model, _ = fused_run(data, max_norm=0.05)
+    assert same_weights(model, plain_run(data, clip_each=0.05))
+    assert not same_weights(model, plain_run(data))
+    model, _ = fused_run(data, accum=3)
+    # accumulated gradients sum in another order than one backward of the whole: equal to rounding
+    for a, b in zip(model.parameters(), plain_run(data, accum=3).parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_fused_run_resumes_bitwise():
+    data = batches(6)
+    whole, _ = fused_run(data)
+    part, fused = fused_run(data[:3])
+    state = {"model": part.state_dict(), "optimizer": fused.state_dict()}
+    resumed, _ = fused_run(data, state=state, start=3)
+    assert same_weights(resumed, whole)
+    fused.close()
+    loss_of(part, data[0]).backward()
+    assert all(p.grad is not None for p in part.parameters()), "close() removes the hooks"
