@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -313,6 +314,9 @@ class TrainConfig(Loop, Noise):
     def __post_init__(self):
         if self.learning_rate is None:
             self.learning_rate = LORA_LEARNING_RATE if self.lora else DREAMBOOTH_LEARNING_RATE
+        for name in self.LOCATIONS:  # a Path from Python is recorded as the text args.yaml holds
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
 
     @property
     def instance_text(self) -> str:

@@ -163,6 +163,21 @@ def test_train_config_validate(kwargs, message):
         TrainConfig(**{**DOG, **kwargs}).validate()
 
 
+def test_paths_from_python_are_taken_as_the_text_args_yaml_records(tmp_path):
+    from pathlib import Path
+
+    cfg = TrainConfig(
+        **{**DOG, "instance_dir": tmp_path / "dog", "class_dir": Path("cls"), "model": tmp_path / "m"}
+    )
+    cfg.validate()
+    assert (
+        cfg.instance_dir == str(tmp_path / "dog")
+        and cfg.class_dir == "cls"
+        and cfg.model == str(tmp_path / "m")
+    )
+    assert TrainConfig.from_yaml(cfg.to_yaml()) == cfg
+
+
 def test_train_config_defaults_and_what_is_derived_from_the_fields():
     assert TrainConfig(**DOG).learning_rate == 5e-6
     assert TrainConfig(**DOG, lora=8).learning_rate == LORA_LEARNING_RATE
