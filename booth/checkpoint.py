@@ -400,14 +400,14 @@ def _json(path: Path) -> dict:
 
 
 def diffusers_config(folder: Path) -> ModelConfig:
-    parts = {}
+    parts, raw = {}, {}
     for name, part_config in (
         ("unet", _diffusers_unet),
         ("vae", _diffusers_vae),
         ("text_encoder", _diffusers_clip),
     ):
         path = folder / name / "config.json"
-        c = _json(path)
+        c = raw[name] = _json(path)
         try:
             parts[name] = part_config(c)
             parts[name].validate()
@@ -419,7 +419,7 @@ def diffusers_config(folder: Path) -> ModelConfig:
     unet, clip = parts["unet"], parts["text_encoder"]
     if unet.context_dim != clip.width:
         raise BoothError(f"{folder} is not a Stable Diffusion 1.x model (SD2/SDXL are not supported yet)")
-    scale = _json(folder / "vae" / "config.json").get("scaling_factor", 0.18215)
+    scale = raw["vae"].get("scaling_factor", 0.18215)
     cfg = ModelConfig(unet=unet, vae=parts["vae"], clip=clip, scale_factor=scale)
     return checked(cfg, str(folder))
 

@@ -114,8 +114,9 @@ DREAMBOOTH = (  # booth.options.TrainConfig
     Flag("--lr-warmup", "lr_warmup", "linear warm-up steps (default {default})"),
     Flag("--lr-schedule", "lr_schedule", "constant, or cosine decay to 0 (default {default})",
          {"choices": LR_SCHEDULES}),
-    Flag("--max-grad-norm", "max_grad_norm", "clip the gradients' global norm (each tensor's with --fused-backward) to N; 0 turns it off "
-                                             "(default {default})", {"metavar": "N"}),
+    Flag("--max-grad-norm", "max_grad_norm", "clip the gradients' global norm (each tensor's with "
+                                             "--fused-backward) to N; 0 turns it off (default {default})",
+         {"metavar": "N"}),
     Flag("--seed", "seed", "data order, augmentation and noise (default {default})"),
     Flag("--precision", "precision", "mixed precision with fp32 master weights (default: fp16 on CUDA, fp32 "
                                      "elsewhere)", {"choices": PRECISIONS}),

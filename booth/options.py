@@ -56,6 +56,8 @@ PRECISIONS = ("fp32", "fp16", "bf16", "full", "autocast")  # full and autocast: 
 SAVE_PRECISIONS = ("fp16", "fp32")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 WEIGHT_DECAY = 1e-2  # decoupled (AdamW-style), whichever optimizer
+FUSED_FP16 = ("--fused-backward cannot skip a step after an fp16 overflow (each weight steps during the backward "
+              "pass): use --precision bf16 or fp32")  # fmt: skip
 LR_SCHEDULES = ("constant", "cosine")
 # LoRA targets: module paths (regexes under the UNet) each `--lora-targets` choice adapts. `all` is LoCon-style: the
 # rest of the UNet's Linear and Conv2d layers except conv_in and conv_out (kohya's conv_dim covers ResBlocks and the
@@ -362,8 +364,7 @@ class TrainConfig(Loop, Noise):
         check_choice("--precision", self.precision or "fp32", PRECISIONS)
         check_choice("--save-precision", self.save_precision, SAVE_PRECISIONS)
         if self.fused_backward and self.precision in ("fp16", "autocast"):
-            raise BoothError("--fused-backward cannot skip a step after an fp16 overflow (each weight steps during "
-                             "the backward pass): use --precision bf16 or fp32")  # fmt: skip
+            raise BoothError(FUSED_FP16)
         if self.hw is not None and len(self.hw) != 2:
             raise BoothError(f"--hw takes a height and a width (got {self.hw})")
 

@@ -51,7 +51,7 @@ from .hub import find_model
 from .images import parameters_text, save_png
 from .lora import adapter_state, add_lora, kohya_metadata, load_adapter_state, save_lora
 from .optim import Adafactor, StepInBackward
-from .options import WEIGHT_DECAY, Loop, Noise, Settings, TrainConfig
+from .options import FUSED_FP16, WEIGHT_DECAY, Loop, Noise, Settings, TrainConfig
 from .pipeline import StableDiffusion
 from .sampling import randn
 
@@ -598,8 +598,7 @@ class _State:
     def __init__(self, task: Task, loop: Loop, run: Path, dist: Dist, resume_command: str):
         self.task, self.loop, self.run, self.dist, self.resume_command = task, loop, run, dist, resume_command
         if loop.fused_backward and task.amp_dtype == torch.float16:
-            raise BoothError("--fused-backward cannot skip a step after an fp16 overflow (each weight steps during "
-                             "the backward pass): use --precision bf16 or fp32")  # fmt: skip
+            raise BoothError(FUSED_FP16)
         self.optimizer = (StepInBackward(task.params, partial(_optimizer, loop), loop.max_grad_norm, dist.world)
                           if loop.fused_backward else _optimizer(loop, task.params))  # fmt: skip
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=task.amp_dtype == torch.float16)
