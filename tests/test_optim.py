@@ -201,3 +201,27 @@ def test_a_fused_run_resumes_bitwise():
     fused.close()
     loss_of(part, data[0]).backward()
     assert all(p.grad is not None for p in part.parameters()), "close() removes the hooks"
+
+
+def test_the_fused_step_works_under_gradient_checkpointing_and_with_adafactor():
+    """Recomputed activations accumulate the same gradients; the hook fires once they are complete."""
+    from torch.utils.checkpoint import checkpoint
+
+    from booth.optim import StepInBackward
+
+    def checkpointed_loss(model, batch):
+        x, y = batch
+        h = checkpoint(model[:4], x, use_reentrant=False)
+        return torch.nn.functional.mse_loss(model[4](h), y)
+
+    data = batches(3)
+    make = lambda ps: Adafactor(ps, lr=1e-2)  # noqa: E731
+    plain, fused = mlp(), mlp()
+    opt = make(list(plain.parameters()))
+    StepInBackward(list(fused.parameters()), make)
+    for batch in data:
+        loss_of(plain, batch).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        checkpointed_loss(fused, batch).backward()
+    assert same_weights(plain, fused) and not same_weights(plain, mlp())
