@@ -51,6 +51,14 @@ def pick_dtype(precision: str | None, device: torch.device) -> torch.dtype:
             "bf16": torch.bfloat16}[precision]  # fmt: skip
 
 
+def training_precision(precision: str | None, device: torch.device, fused: bool) -> str | None:
+    """The precision a training run uses when none is given: the fused step cannot skip a step after an fp16
+    overflow, so on a GPU it takes bf16, or fp32 where the GPU has no bf16."""
+    if precision is not None or not fused or device.type != "cuda":
+        return precision
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+
+
 def training_dtypes(precision: str | None, device: torch.device) -> tuple[torch.dtype | None, torch.dtype]:
     """(autocast dtype, or None for plain fp32; dtype of the frozen networks). Trained weights stay fp32."""
     dtype = pick_dtype(precision, device)

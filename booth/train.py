@@ -44,7 +44,7 @@ from .atomic import (
 )
 from .checkpoint import TEXT, UNET, NonFiniteWeights, file_hash, load_model, read_checkpoint, save_checkpoint
 from .data import Augment, Cycler, ImageSet, find_images, prepare, readable_images
-from .device import autocast, out_of_memory, peak_memory_mb, pick_device, training_dtypes
+from .device import autocast, out_of_memory, peak_memory_mb, pick_device, training_dtypes, training_precision
 from .errors import BoothError
 from .formats import CHECKPOINT_FOLDER
 from .hub import find_model
@@ -263,9 +263,7 @@ class Base:
 
 def load_base(cfg: TrainConfig, path: Path, dist: Dist) -> Base:
     device = dist.device
-    # the fused step cannot skip a step after an fp16 overflow, so on a GPU it defaults to bf16
-    precision = cfg.precision or ("bf16" if cfg.fused_backward and device.type == "cuda" else None)
-    amp_dtype, frozen = training_dtypes(precision, device)
+    amp_dtype, frozen = training_dtypes(training_precision(cfg.precision, device, cfg.fused_backward), device)
     ckpt = read_checkpoint(path)
     base_hash = file_hash(path) if path.is_file() else ""
     # Frozen networks are saved as the base had them; their device copies hold exactly those values unless

@@ -252,3 +252,20 @@ def test_every_precision_name_has_a_dtype():
     assert {p: pick_dtype(p, cpu) for p in PRECISIONS} == {"fp32": torch.float32, "fp16": torch.float16,
         "bf16": torch.bfloat16, "full": torch.float32, "autocast": torch.float32}  # fmt: skip
     assert pick_dtype(None, cpu) == torch.float32
+
+
+def test_the_fused_step_defaults_to_bf16_on_a_gpu_else_fp32(monkeypatch):
+    """It cannot use fp16 loss scaling; a GPU without bf16 trains it in fp32 (no CUDA is needed to decide)."""
+    import torch
+
+    import booth.device
+    from booth.device import training_precision
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(booth.device.torch.cuda, "is_bf16_supported", lambda: True)
+    assert training_precision(None, gpu, fused=True) == "bf16"
+    assert training_precision(None, gpu, fused=False) is None  # fp16 autocast, as before
+    assert training_precision(None, cpu, fused=True) is None
+    assert training_precision("fp32", gpu, fused=True) == "fp32"
+    monkeypatch.setattr(booth.device.torch.cuda, "is_bf16_supported", lambda: False)
+    assert training_precision(None, gpu, fused=True) == "fp32"
