@@ -23,7 +23,7 @@ import torch
 
 from .atomic import atomic_path
 from .config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
-from .errors import BoothError
+from .errors import BoothError, first_line
 from .formats import (
     PICKLE_SUFFIXES,
     WEIGHTS_PREFERENCE,
@@ -108,7 +108,7 @@ def read_pickle(path: Path) -> dict[str, torch.Tensor]:
     except PermissionError:
         raise BoothError(f"cannot read {path}: permission denied") from None
     except Exception as e:  # a damaged or crafted file can fail anywhere in torch.load's parser
-        raise BoothError(f"{path} is not a readable checkpoint ({_first_line(e)})") from None
+        raise BoothError(f"{path} is not a readable checkpoint ({first_line(e)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(
@@ -138,11 +138,6 @@ _SAFE_GLOBALS = re.compile(
 def _code_globals(path: Path) -> list[str]:
     """Names of functions/classes a pickle would import, other than torch's tensor rebuilding."""
     return [n for n in pickle_contents(path)[0] if not _SAFE_GLOBALS.fullmatch(n)]
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
 
 def to_layout(
@@ -544,7 +539,7 @@ def stored_config(meta: dict[str, str], path: Path) -> ModelConfig:
         cfg = ModelConfig.from_json(meta[CONFIG_KEY])
     except (ValueError, TypeError, AttributeError, RecursionError) as e:  # bad JSON, or unknown fields
         raise BoothError(
-            f"cannot read the model config stored in {path} ({(str(e).splitlines() or [type(e).__name__])[0]}); "
+            f"cannot read the model config stored in {path} ({first_line(e, None)}); "
             "it may come from a newer booth: upgrade booth"
         ) from None
     return checked(cfg, f"{path} (stored in its header)")

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from urllib.parse import unquote, urlparse
 
-from .errors import BoothError
+from .errors import BoothError, first_line
 from .formats import (
     CHECKPOINT_SUFFIXES,
     COMPONENTS,
@@ -282,5 +282,4 @@ def _hub_message(e: Exception, target: HubTarget, spec: str, command: str, flag:
     status = e.response.status_code if getattr(e, "response", None) is not None else None
     if status in (401, 403):
         return f"access to {target.repo} denied (HTTP {status}); {login}"
-    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return f"Hugging Face Hub error for {target}: {first_line}"
+    return f"Hugging Face Hub error for {target}: {first_line(e, None)}"

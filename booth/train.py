@@ -45,7 +45,7 @@ from .atomic import (
 from .checkpoint import TEXT, UNET, NonFiniteWeights, file_hash, load_model, read_checkpoint, save_checkpoint
 from .data import Augment, Cycler, ImageSet, find_images, prepare, readable_images
 from .device import autocast, out_of_memory, peak_memory_mb, pick_device, training_dtypes, training_precision
-from .errors import BoothError
+from .errors import BoothError, first_line
 from .formats import CHECKPOINT_FOLDER
 from .hub import find_model
 from .images import parameters_text, save_png
@@ -612,7 +612,9 @@ class _State:
             self.scaler.load_state_dict(state["scaler"])
             load_rng_state(state["rng"], self.task.gens)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise BoothError(f"{path} does not fit this run ({_first_line(e)}); it may be damaged") from None
+            raise BoothError(
+                f"{path} does not fit this run ({first_line(e, 200)}); it may be damaged"
+            ) from None
         self.step = state["step"]
         if self.dist.main:
             _truncate_metrics(self.run / "metrics.jsonl", self.step)
@@ -849,10 +851,6 @@ def _tensorboard(run: Path):
     except ImportError:  # metrics.jsonl is always written
         return None
     return SummaryWriter(str(run / "tensorboard"))
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 class StopFlag:
