@@ -9,6 +9,10 @@ the DreamBooth loss (prior preservation), gradient clipping, AdamW. Full SD1 con
     python bench/bench_train.py --device cuda --precision fp16 --size 512 --steps 20 --gradient-checkpointing
     python bench/bench_train.py --lora 4                           # LoRA and full fine-tuning side by side
     python bench/bench_train.py --optimizer adafactor --fused-backward
+    python bench/bench_train.py --modes --size 64 --steps 3         # diffusers' AdamW against booth's modes
+
+--modes runs, in one go, diffusers' AdamW step and booth's default, `--optimizer adamw8bit` (where bitsandbytes
+imports) and `--lean`, and prints each one's peak and its ratio to diffusers'.
 
 --optimizer adafactor is transformers' Adafactor with kohya's settings on the diffusers side. --fused-backward
 is booth's alone (diffusers' script has no such step): the diffusers side then steps after the backward pass.
@@ -50,10 +54,12 @@ def worker_booth(args) -> dict:
     from booth.train import train
 
     out = Path(args.workdir) / f"train-runs-{os.getpid()}"
+    flags = dict(gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
+                 fused_backward=args.fused_backward, precision=args.precision)  # fmt: skip
+    flags.update(json.loads(args.overrides))  # --modes: e.g. {"lean": true, "optimizer": null, ...}
     cfg = TrainConfig(class_name="dog", instance_dir=args.instance_dir, model=args.model, class_dir=args.class_dir,
-                      class_img_count=2, hw=(args.size, args.size), iterations=args.steps, precision=args.precision,
-                      gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
-                      fused_backward=args.fused_backward, devices=[args.device], lora=args.lora or None)  # fmt: skip
+                      class_img_count=2, hw=(args.size, args.size), iterations=args.steps, devices=[args.device],
+                      lora=args.lora or None, **flags)  # fmt: skip
     try:
         run = train(cfg, out).parents[1]  # OUT/run0/ckpts/step-N.safetensors
         m = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -157,10 +163,11 @@ def _diffusers_lora(unet, rank: int) -> list:
     return params
 
 
-def spawn(which: str, model: Path, args) -> dict:
+def spawn(which: str, model: Path, args, overrides: dict | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", which, "--model", str(model), "--device", args.device, "--size",
            str(args.size), "--steps", str(args.steps), "--optimizer", args.optimizer, "--workdir", str(args.workdir),
-           "--instance-dir", str(args.instance_dir), "--class-dir", str(args.class_dir)]  # fmt: skip
+           "--instance-dir", str(args.instance_dir), "--class-dir", str(args.class_dir),
+           "--overrides", json.dumps(overrides or {})]  # fmt: skip
     cmd += ["--precision", args.precision] if args.precision else []
     cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
     cmd += ["--fused-backward"] if args.fused_backward else []
@@ -181,7 +188,11 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=Path(__file__).parent / ".cache")
     p.add_argument("--instance-dir", type=Path, default=Path(__file__).parents[1] / "tests" / "data" / "dog")
     p.add_argument("--class-dir", type=Path, default=None)
+    p.add_argument(
+        "--modes", action="store_true", help="diffusers' AdamW against booth's default, adamw8bit, --lean"
+    )
     p.add_argument("--worker", choices=["booth", "diffusers"], help=argparse.SUPPRESS)
+    p.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -189,6 +200,8 @@ def main() -> None:
         return
     file, folder = prepare(args.workdir)
     args.class_dir = args.class_dir or class_images(args.workdir / "class-imgs")
+    if args.modes:
+        return modes(file, folder, args)
     rank, args.lora = args.lora, 0
     results = {"booth": spawn("booth", file, args), "diffusers": spawn("diffusers", folder, args)}
     if rank:
@@ -213,6 +226,27 @@ def main() -> None:
             f"{metric:<16}{row}"
             + "".join(f"{results[a][metric] / results[b][metric]:>22.3f}" for a, b in pairs)
         )
+
+
+def modes(file: Path, folder: Path, args) -> None:
+    """The issue's table: one diffusers AdamW step against booth's memory modes, each in its own process."""
+    import importlib.util
+
+    lean = {"lean": True, "optimizer": None, "fused_backward": None, "gradient_checkpointing": None,
+            "precision": None}  # fmt: skip
+    runs = {"diffusers AdamW": ("diffusers", {}), "booth default": ("booth", {})}
+    if importlib.util.find_spec("bitsandbytes"):
+        runs["booth adamw8bit"] = ("booth", {"optimizer": "adamw8bit"})
+    runs["booth --lean"] = ("booth", lean)
+    results = {
+        name: spawn(which, file if which == "booth" else folder, args, o) for name, (which, o) in runs.items()
+    }
+    print(
+        f"DreamBooth step, SD1 random weights, {args.device}, {args.size}x{args.size}, 1 instance + 1 class image"
+    )
+    ref = results["diffusers AdamW"]
+    for name, r in results.items():
+        print(f"{name:<18}" + "".join(f"  {k} {v:10.1f} ({v / ref[k]:.2f}x)" for k, v in r.items()))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from .atomic import check_writable, clean_stale, new_run_dir, write_text
 from .errors import BoothError
 from .options import (
     DREAMBOOTH_LEARNING_RATE,
+    LEAN,
     LORA_LEARNING_RATE,
     LORA_TARGETS,
     LR_SCHEDULES,
@@ -36,6 +37,7 @@ from .options import (
     SAMPLERS,
     SAVE_PRECISIONS,
     SCHEDULES,
+    WEIGHTS,
     DemoRecipe,
     Job,
     Settings,
@@ -60,6 +62,10 @@ class Flag:
     extra: dict = field(default_factory=dict)  # argparse extras (metavar, choices, required, ...)
 
 
+LEAN_HELP = ", ".join(
+    f"--{k.replace('_', '-')}" + (f" {v}" if isinstance(v, str) else "") for k, v in LEAN.items()
+)
+LEAN_HELP += " (--weights only without --lora); each can still be set, e.g. --no-gradient-checkpointing"
 SCHEDULE_HELP = (
     f"sigma schedule: {', '.join(SCHEDULES)}; automatic is each sampler's own (default {{default}})"
 )
@@ -118,13 +124,16 @@ DREAMBOOTH = (  # booth.options.TrainConfig
                                              "--fused-backward) to N; 0 turns it off (default {default})",
          {"metavar": "N"}),
     Flag("--seed", "seed", "data order, augmentation and noise (default {default})"),
-    Flag("--precision", "precision", "mixed precision with fp32 master weights (default: fp16 on CUDA, fp32 "
-                                     "elsewhere)", {"choices": PRECISIONS}),
+    Flag("--lean", "lean", "the least memory that still learns well: " + LEAN_HELP),
+    Flag("--precision", "precision", "compute dtype (default: fp16 on CUDA, fp32 elsewhere; bf16 with --weights "
+                                     "bf16, and on CUDA with --fused-backward)", {"choices": PRECISIONS}),
+    Flag("--weights", "weights", "dtype of the trained weights; bf16 keeps no fp32 copy and rounds each update "
+                                 "stochastically (default fp32, bf16 with --lean)", {"choices": WEIGHTS}),
     Flag("--save-precision", "save_precision", "checkpoint dtype (default {default}, 2 GB for SD1)",
          {"choices": SAVE_PRECISIONS}),
     Flag("--gradient-checkpointing", "gradient_checkpointing", "recompute activations: less memory, slower"),
     Flag("--optimizer", "optimizer", "adamw8bit (needs pip install 'booth[8bit]') and adafactor keep far less "
-                                     "state (default {default})", {"choices": OPTIMIZERS}),
+                                     "state (default adamw, adafactor with --lean)", {"choices": OPTIMIZERS}),
     Flag("--fused-backward", "fused_backward", "step each weight as soon as its gradient is complete, so the "
                                                "gradients never all exist (clipping is then per tensor)"),
     Flag("--cache-latents", "cache_latents", "encode images once (turns off resize and colour augmentation)"),
@@ -164,7 +173,9 @@ def add_flags(parser: argparse.ArgumentParser, cls, flags) -> None:
         kind, default = _base(hints[flag.dest]), defaults[flag.dest]
         shown = f"{default:g}" if isinstance(default, float) else default
         kw = {"dest": flag.dest, "default": argparse.SUPPRESS, "help": flag.help.format(default=shown)}
-        if kind is bool:
+        if kind is bool and default is None:  # left to another flag (--lean): either way can be given
+            kw["action"] = argparse.BooleanOptionalAction
+        elif kind is bool:
             kw["action"] = "store_false" if default is True else "store_true"
         elif kind is tuple:
             kw.update(nargs=2, type=int, metavar=("H", "W"))

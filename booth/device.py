@@ -51,12 +51,21 @@ def pick_dtype(precision: str | None, device: torch.device) -> torch.dtype:
             "bf16": torch.bfloat16}[precision]  # fmt: skip
 
 
-def training_precision(precision: str | None, device: torch.device, fused: bool) -> str | None:
-    """The precision a training run uses when none is given: the fused step cannot skip a step after an fp16
-    overflow, so on a GPU it takes bf16, or fp32 where the GPU has no bf16."""
+def training_precision(
+    precision: str | None, device: torch.device, fused: bool, weights: str = "fp32"
+) -> str | None:
+    """The precision a training run uses when none is given. bf16 weights compute in bf16, on every device. The
+    fused step cannot skip a step after an fp16 overflow, so on a GPU it takes bf16, or fp32 where the GPU has
+    no bf16."""
+    bf16_gpu = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    if weights == "bf16":
+        if not bf16_gpu:
+            raise BoothError("this GPU does not support bf16, so cannot hold --weights bf16 (--lean turns it on): "
+                             "give --weights fp32")  # fmt: skip
+        return "bf16"
     if precision is not None or not fused or device.type != "cuda":
         return precision
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if bf16_gpu else "fp32"
 
 
 def training_dtypes(precision: str | None, device: torch.device) -> tuple[torch.dtype | None, torch.dtype]:

@@ -58,6 +58,17 @@ OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 WEIGHT_DECAY = 1e-2  # decoupled (AdamW-style), whichever optimizer
 FUSED_FP16 = ("--fused-backward cannot skip a step after an fp16 overflow (each weight steps during the backward "
               "pass): use --precision bf16 or fp32")  # fmt: skip
+WEIGHTS = ("fp32", "bf16")  # the dtype trained weights live in; bf16: no fp32 copy, stochastic rounding
+WEIGHTS_BF16 = (
+    "--weights bf16 (part of --lean) computes in bf16: leave out --precision, or give --precision bf16"
+)
+# What --lean turns on, each unless given on its own; `weights` only where whole networks train (not LoRA). Cached
+# prompt embeddings need no flag: the prompts are encoded once whenever the text encoder is frozen. Cached latents
+# are left out: they end colour jitter, and the demo's DreamBooth test then drew "a star" in the subject's colours
+# (subject share 0.18 -> 0.34 where its bound is +0.08; Adafactor with jitter: 0.22), while the encode they save
+# runs before the UNet, so it adds little to the peak.
+LEAN = {"weights": "bf16", "fused_backward": True, "optimizer": "adafactor", "gradient_checkpointing": True}
+NOT_LEAN = {"weights": "fp32", "fused_backward": False, "optimizer": "adamw", "gradient_checkpointing": False}
 LR_SCHEDULES = ("constant", "cosine")
 # LoRA targets: module paths (regexes under the UNet) each `--lora-targets` choice adapts. `all` is LoCon-style: the
 # rest of the UNet's Linear and Conv2d layers except conv_in and conv_out (kohya's conv_dim covers ResBlocks and the
@@ -298,9 +309,14 @@ class TrainConfig(Loop, Noise):
     batch_size: int = 1
     seed: int = 0
     train_text_encoder: bool = False
-    precision: str | None = None  # None: fp16 on CUDA, fp32 elsewhere
+    precision: str | None = None  # None: fp16 on CUDA, else fp32; bf16 with bf16 weights (fused, on CUDA)
     save_precision: str = "fp16"
-    gradient_checkpointing: bool = False
+    # None: as --lean sets them (LEAN), else NOT_LEAN; filled in by __post_init__, so args.yaml records them
+    lean: bool = False
+    weights: str | None = None
+    optimizer: str | None = None
+    fused_backward: bool | None = None
+    gradient_checkpointing: bool | None = None
     cache_latents: bool = False
     sample_prompt: str | None = None  # None: the instance prompt
     flip: bool = True
@@ -316,9 +332,33 @@ class TrainConfig(Loop, Noise):
     def __post_init__(self):
         if self.learning_rate is None:
             self.learning_rate = LORA_LEARNING_RATE if self.lora else DREAMBOOTH_LEARNING_RATE
+        for name, value in self.lean_parts().items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         for name in self.LOCATIONS:  # a Path from Python is recorded as the text args.yaml holds
             if isinstance(getattr(self, name), os.PathLike):
                 setattr(self, name, os.fspath(getattr(self, name)))
+
+    def lean_parts(self) -> dict:
+        """What --lean (or its absence) gives each of its parts that is not set on its own."""
+        if not self.lean:
+            return NOT_LEAN
+        return {**LEAN, "weights": "fp32"} if self.lora else LEAN
+
+    def lean_summary(self) -> str:
+        """The line a --lean run prints: what it turned on, and what was set otherwise."""
+
+        def flag(name, value):
+            return f"--{name.replace('_', '-')}" + (
+                f" {value}" if isinstance(value, str) else "" if value else " off"
+            )
+
+        parts = self.lean_parts()
+        on = [flag(k, v) for k, v in parts.items() if getattr(self, k) == v and v != NOT_LEAN[k]]
+        own = [flag(k, getattr(self, k)) for k, v in parts.items() if getattr(self, k) != v]
+        return f"--lean: {', '.join(on) or 'nothing'}" + (
+            f" (set on their own: {', '.join(own)})" if own else ""
+        )
 
     @property
     def instance_text(self) -> str:
@@ -363,6 +403,16 @@ class TrainConfig(Loop, Noise):
         check_int("--seed", self.seed, 0, MAX_TRAIN_SEED)
         check_choice("--precision", self.precision or "fp32", PRECISIONS)
         check_choice("--save-precision", self.save_precision, SAVE_PRECISIONS)
+        check_choice("--weights", self.weights, WEIGHTS)
+        if self.weights == "bf16":
+            if self.lora:
+                raise BoothError("--weights bf16 is for whole networks: LoRA's adapters are a few MB and train in "
+                                 "fp32 on the frozen half-precision base; leave it out with --lora")  # fmt: skip
+            if self.precision not in (None, "bf16"):
+                raise BoothError(WEIGHTS_BF16)
+            if self.optimizer == "adamw8bit":
+                raise BoothError("--weights bf16 needs --optimizer adamw or adafactor, which round each update "
+                                 "stochastically; bitsandbytes' adamw8bit rounds to nearest, losing small updates")  # fmt: skip
         if self.fused_backward and self.precision in ("fp16", "autocast"):
             raise BoothError(FUSED_FP16)
         if self.hw is not None and len(self.hw) != 2:

@@ -50,15 +50,15 @@ from .formats import CHECKPOINT_FOLDER
 from .hub import find_model
 from .images import parameters_text, save_png
 from .lora import adapter_state, add_lora, kohya_metadata, load_adapter_state, save_lora
-from .optim import Adafactor, StepInBackward
+from .optim import Adafactor, AdamW, StepInBackward
 from .options import FUSED_FP16, WEIGHT_DECAY, Loop, Noise, Settings, TrainConfig
 from .pipeline import StableDiffusion
 from .sampling import randn
 
 STATE_FORMAT = 1
-MEMORY_HINT = ("while training: try --fused-backward, --optimizer adafactor (or adamw8bit), --gradient-checkpointing, "
-               "--cache-latents, --precision bf16 or fp16, --batch-size 1 or a smaller --hw; --lora needs far less "
-               "memory")  # fmt: skip
+MEMORY_HINT = ("while training: try --lean (or its parts: --weights bf16, --fused-backward, --optimizer adafactor "
+               "or adamw8bit, --gradient-checkpointing), --cache-latents, --batch-size 1 or a smaller --hw; --lora "
+               "needs far less memory")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the losses
@@ -182,6 +182,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike = "outputs", resume: str | os
     """Run DreamBooth in a new OUT/runK folder, or continue the run folder `resume`; returns the last checkpoint."""
     cfg.validate()
     dist = dist or setup_distributed(cfg.devices)  # checks the devices too
+    if cfg.lean and dist.main:
+        print(f"booth: {cfg.lean_summary()}", file=sys.stderr)
     found = preflight(cfg, None if resume else Path(out), warn=dist.main)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -253,8 +255,8 @@ def _resumable(run: Path) -> Iterator[None]:
 
 @dataclass
 class Base:
-    """The base model on the device: the UNet in fp32 (the master weights) unless LoRA trains, the frozen networks
-    in half precision; and what saving needs of the base file (`file`)."""
+    """The base model on the device: the UNet in fp32 (or with --weights bf16, bf16) unless LoRA trains, the frozen
+    networks in half precision; and what saving needs of the base file (`file`)."""
 
     sd: StableDiffusion
     amp_dtype: torch.dtype | None
@@ -263,7 +265,9 @@ class Base:
 
 def load_base(cfg: TrainConfig, path: Path, dist: Dist) -> Base:
     device = dist.device
-    amp_dtype, frozen = training_dtypes(training_precision(cfg.precision, device, cfg.fused_backward), device)
+    precision = training_precision(cfg.precision, device, cfg.fused_backward, cfg.weights)
+    amp_dtype, frozen = training_dtypes(precision, device)
+    master = torch.bfloat16 if cfg.weights == "bf16" else torch.float32  # the trained weights
     ckpt = read_checkpoint(path)
     base_hash = file_hash(path) if path.is_file() else ""
     # Frozen networks are saved as the base had them; their device copies hold exactly those values unless
@@ -272,9 +276,9 @@ def load_base(cfg: TrainConfig, path: Path, dist: Dist) -> Base:
     file = {"dtypes": {k: v.dtype for k, v in ckpt.state_dict.items()}, "hash": base_hash, "name": ckpt.name,
             "originals": {k: v for k, v in ckpt.state_dict.items() if lossy and not k.startswith(UNET)}}  # fmt: skip
     model = load_model(ckpt, device, None)
-    model.unet.to(frozen if cfg.lora else torch.float32)
+    model.unet.to(frozen if cfg.lora else master)
     model.vae.to(frozen)
-    model.text_encoder.to(torch.float32 if cfg.train_text_encoder else frozen)
+    model.text_encoder.to(master if cfg.train_text_encoder else frozen)
     return Base(StableDiffusion(model, device, frozen, ckpt.name, base_hash), amp_dtype, file)
 
 
@@ -416,6 +420,8 @@ class DreamBooth:
         self.sd, self.model = base.sd, base.sd.model
         self.amp_dtype, self.amp = base.amp_dtype, autocast(dist.device, base.amp_dtype)
         self.gens = {"data": batches.gen}
+        if cfg.weights == "bf16":  # the same seed on every process, so that DDP replicas round alike
+            self.gens["rounding"] = torch.Generator(dist.device).manual_seed(cfg.seed)
         self.memory_hint = MEMORY_HINT + (", or drop -t" if cfg.train_text_encoder else "")
         self.model.unet.gradient_checkpointing = cfg.gradient_checkpointing
         self.model.unet.train()
@@ -544,7 +550,9 @@ class Task(Protocol):
     """What `fit` trains. DreamBooth above is one; booth.demo's autoencoder and text-to-image stages are others."""
 
     params: list[torch.Tensor]  # what the optimizer updates
-    gens: dict[str, torch.Generator]  # every generator the task draws from; saved with the state
+    # every generator the task draws from, saved with the state; with "rounding", bf16 weights are rounded
+    # stochastically from it
+    gens: dict[str, torch.Generator]
     amp_dtype: torch.dtype | None  # autocast dtype (fp16 turns on loss scaling); None: plain fp32
     memory_hint: str  # the out-of-memory message's advice: "while training: try ..."
 
@@ -597,8 +605,9 @@ class _State:
         self.task, self.loop, self.run, self.dist, self.resume_command = task, loop, run, dist, resume_command
         if loop.fused_backward and task.amp_dtype == torch.float16:
             raise BoothError(FUSED_FP16)
-        self.optimizer = (StepInBackward(task.params, partial(_optimizer, loop), loop.max_grad_norm, dist.world)
-                          if loop.fused_backward else _optimizer(loop, task.params))  # fmt: skip
+        make = partial(_optimizer, loop, generator=task.gens.get("rounding"))
+        self.optimizer = (StepInBackward(task.params, make, loop.max_grad_norm, dist.world)
+                          if loop.fused_backward else make(task.params))  # fmt: skip
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=task.amp_dtype == torch.float16)
         self.step, self.last_ckpt, self.t_last = 0, None, time.perf_counter()
         self.writer = _tensorboard(run) if dist.main else None
@@ -726,9 +735,10 @@ def learning_rate(loop: Loop, step: int) -> float:
     return lr
 
 
-def _optimizer(loop: Loop, params: list) -> torch.optim.Optimizer:
+def _optimizer(loop: Loop, params: list, generator: torch.Generator | None = None) -> torch.optim.Optimizer:
+    """`loop.optimizer` over `params`; bf16 weights are rounded stochastically with `generator`."""
     if loop.optimizer == "adafactor":
-        return Adafactor(params, lr=loop.learning_rate, weight_decay=WEIGHT_DECAY)
+        return Adafactor(params, lr=loop.learning_rate, weight_decay=WEIGHT_DECAY, generator=generator)
     kw = dict(lr=loop.learning_rate, betas=(0.9, 0.999), weight_decay=WEIGHT_DECAY, eps=1e-8)
     if loop.optimizer == "adamw8bit":
         try:
@@ -736,6 +746,9 @@ def _optimizer(loop: Loop, params: list) -> torch.optim.Optimizer:
         except ImportError:
             raise BoothError("--optimizer adamw8bit needs bitsandbytes: pip install 'booth[8bit]'") from None
         return bnb.optim.AdamW8bit(params, **kw)
+    half = any(p.dtype == torch.bfloat16 for p in params)
+    if half:  # torch's AdamW would keep bf16 moments and round each update to nearest
+        return AdamW(params, **kw, generator=generator)
     return torch.optim.AdamW(params, **kw)
 
 

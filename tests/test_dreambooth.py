@@ -1,5 +1,6 @@
 """DreamBooth: the loss, gradients against diffusers, checkpoints other tools read, exact resume, DDP, bad input."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -310,6 +311,67 @@ def test_the_fused_step_trains_as_the_plain_one_and_resumes_bitwise(base, tmp_pa
     assert json.loads(safetensors_metadata(fused / "ckpts" / name)["booth.train"])["fused_backward"] is True
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_bf16_weights_keep_no_fp32_copy_and_resume_bitwise(base, tmp_path, optimizer):
+    common = ["--weights", "bf16", "--optimizer", optimizer, "--learning-rate", "1e-3", "-s", "2", "-l", "0",
+              "--save-precision", "fp32"]  # fmt: skip
+    whole = dreambooth(base, tmp_path / "whole", "--iterations", "4", *common) / "run0"
+    part = dreambooth(base, tmp_path / "part", "--iterations", "2", *common) / "run0"
+    assert main(["dreambooth", "-r", str(part), "--iterations", "4"]) == 0
+    name = "step-000004.safetensors"
+    assert (whole / "ckpts" / name).read_bytes() == (part / "ckpts" / name).read_bytes()
+    state = torch.load(part / "state" / "step-000004.pt", weights_only=True)
+    assert {v.dtype for v in state["task"]["unet"].values()} == {torch.bfloat16}, "the weights are bf16 alone"
+    moments = {
+        v.dtype for s in state["optimizer"]["state"].values() for k, v in s.items() if torch.is_tensor(v)
+    }
+    assert moments == {torch.float32}
+    assert "rounding" in state["rng"]["gens"]
+    trained, start = unet_of(whole / "ckpts" / name), unet_of(base)
+    assert any(not torch.equal(trained[k], start[k].float()) for k in trained)
+    assert all(torch.equal(v, v.bfloat16().float()) for v in trained.values()), "saved as the bf16 values"
+
+
+def test_lean_turns_on_its_parts_and_resumes_bitwise_after_ctrl_c(base, tmp_path, capsys):
+    args = ["--lean", "--no-gradient-checkpointing", "--learning-rate", "1e-3", "--iterations", "40", "-l", "0",
+            "--save-precision", "fp32"]  # fmt: skip
+    whole = dreambooth(base, tmp_path / "whole", *args) / "run0"
+    err = capsys.readouterr().err
+    assert ("--lean: --weights bf16, --fused-backward, --optimizer adafactor "
+            "(set on their own: --gradient-checkpointing off)") in err  # fmt: skip
+    recipe = json.loads(safetensors_metadata(whole / "ckpts" / "step-000040.safetensors")["booth.train"])
+    assert {k: recipe[k] for k in ("lean", "weights", "fused_backward", "optimizer", "gradient_checkpointing")} == {
+        "lean": True, "weights": "bf16", "fused_backward": True, "optimizer": "adafactor",
+        "gradient_checkpointing": False}  # fmt: skip
+    cmd = [sys.executable, "-m", "booth", *dreambooth_argv(base, tmp_path / "cut", *FAST, *args)]
+    code, err = interrupt_once_logged(cmd, tmp_path / "cut" / "run0" / "metrics.jsonl", timeout=120)
+    assert code == 130 and "Traceback" not in err, err
+    cut = tmp_path / "cut" / "run0"
+    assert 3 <= len(metrics(cut)) < 40
+    assert main(["dreambooth", "-r", str(cut)]) == 0
+    name = "step-000040.safetensors"
+    assert (whole / "ckpts" / name).read_bytes() == (cut / "ckpts" / name).read_bytes()
+    assert [r["loss"] for r in metrics(cut)] == [r["loss"] for r in metrics(whole)]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (the test extra)"
+)
+def test_adamw8bit_trains_with_the_fused_step(base, tmp_path):
+    common = ["--optimizer", "adamw8bit", "--learning-rate", "1e-3", "-s", "2", "-l", "0", "--max-grad-norm", "0",
+              "--save-precision", "fp32"]  # fmt: skip
+    plain = dreambooth(base, tmp_path / "plain", "--iterations", "2", *common) / "run0"
+    fused = dreambooth(base, tmp_path / "fused", "--iterations", "2", "--fused-backward", *common) / "run0"
+    part = dreambooth(base, tmp_path / "part", "--iterations", "1", "--fused-backward", *common) / "run0"
+    assert main(["dreambooth", "-r", str(part), "--iterations", "2"]) == 0
+    name = "step-000002.safetensors"
+    assert (fused / "ckpts" / name).read_bytes() == (part / "ckpts" / name).read_bytes()
+    a, b = unet_of(plain / "ckpts" / name), unet_of(fused / "ckpts" / name)
+    # bitsandbytes quantises each tensor's moments in blocks, the same blocks whichever way it is stepped
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], v.float()) for k, v in unet_of(base).items())
+
+
 @pytest.mark.parametrize("step", [[], ["--fused-backward", "--max-grad-norm", "0"]], ids=["plain", "fused"])
 def test_two_processes_equal_one_with_twice_the_batch(base, tmp_path, step):
     import numpy as np
@@ -422,11 +484,17 @@ def test_non_images_are_skipped_with_a_warning(base, tmp_path, capsys):
             ["--fused-backward", "--precision", "fp16"],
             "--fused-backward cannot skip a step after an fp16 overflow",
         ),
+        (["--weights", "bf16", "--precision", "fp32"], "--weights bf16 (part of --lean) computes in bf16"),
+        (["--lean", "--precision", "fp16"], "--weights bf16 (part of --lean) computes in bf16"),
+        (["--weights", "bf16", "--lora", "4"], "--weights bf16 is for whole networks"),
+        (["--weights", "bf16", "--optimizer", "adamw8bit"], "rounds to nearest, losing small updates"),
     ],
 )
 def test_bad_flags_fail_before_loading(base, tmp_path, capsys, monkeypatch, args, message):
-    if "adamw8bit" in args and __import__("importlib").util.find_spec("bitsandbytes"):
-        pytest.skip("bitsandbytes is installed")
+    if args == ["--optimizer", "adamw8bit"]:  # as on a machine without it (the test extra installs it)
+        real = importlib.util.find_spec
+        monkeypatch.setattr("booth.options.importlib.util.find_spec",
+                            lambda name, *a: None if name == "bitsandbytes" else real(name, *a))  # fmt: skip
     monkeypatch.setattr("booth.train.read_checkpoint", lambda *a, **k: pytest.fail("weights were loaded"))
     code = main(dreambooth_argv(base, tmp_path / "o", *FAST, *args))
     assert code in (1, 2) and message in error_of(capsys)
@@ -469,8 +537,8 @@ def test_out_of_memory_names_the_memory_flags(base, tmp_path, capsys, monkeypatc
     monkeypatch.setattr(booth.train, "diffusion_loss", oom)
     dreambooth(base, tmp_path, "--iterations", "2", "-l", "0", expect=1)
     message = error_of(capsys)
-    for flag in ("--fused-backward", "--optimizer adafactor", "adamw8bit", "--gradient-checkpointing", "--cache-latents",
-                 "--batch-size"):  # fmt: skip
+    for flag in ("--lean", "--weights bf16", "--fused-backward", "--optimizer adafactor", "adamw8bit",
+                 "--gradient-checkpointing", "--cache-latents", "--batch-size"):  # fmt: skip
         assert flag in message
 
 

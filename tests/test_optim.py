@@ -1,9 +1,11 @@
-"""booth.optim.Adafactor against transformers' Adafactor (the oracle) with kohya's absolute-step settings."""
+"""booth.optim: Adafactor against transformers' Adafactor (the oracle) with kohya's absolute-step settings, AdamW
+for bf16 weights against torch's AdamW, stochastic rounding against its closed form, and the step fused into the
+backward pass against the plain step."""
 
 import pytest
 import torch
 
-from booth.optim import Adafactor
+from booth.optim import Adafactor, AdamW, stochastic_round_
 
 
 def reference(params, lr):
@@ -23,7 +25,7 @@ def run(opt_cls, param, gs, **kw):
     p = torch.nn.Parameter(param.clone())
     opt = opt_cls([p], **kw)
     for g in gs:
-        p.grad = g.clone()
+        p.grad = g.to(p.dtype, copy=True)
         opt.step()
     return p.detach(), opt
 
@@ -90,6 +92,109 @@ def test_a_saved_and_loaded_state_continues_bitwise():
         p.grad = g.clone()
         resumed.step()
     assert torch.equal(p.detach(), whole)
+
+
+# ----------------------------------------------------------------------------- bf16 weights
+
+
+def neighbours(x: float) -> tuple[float, float, float]:
+    """(bf16 below x, bf16 above x, bf16 ulp there), from the bits, for a positive x that is not a bf16."""
+    bits = torch.tensor([x], dtype=torch.float32).view(torch.int32).item()
+    low = torch.tensor([bits & -65536], dtype=torch.int32).view(torch.float32).item()
+    high = torch.tensor([(bits & -65536) + 65536], dtype=torch.int32).view(torch.float32).item()
+    return low, high, high - low
+
+
+@pytest.mark.parametrize("x", [1.0 + 2**-9, 0.3, -7.77e-3, 1234.5678])
+def test_stochastic_rounding_lands_on_the_two_neighbours_with_the_mean_of_the_value(x):
+    n = 200_000
+    out = torch.empty(n, dtype=torch.bfloat16)
+    stochastic_round_(out, torch.full((n,), x), torch.Generator().manual_seed(0))
+    low, high, ulp = neighbours(abs(x))
+    low, high = (low, high) if x > 0 else (-high, -low)
+    values = out.float()
+    assert set(values.unique().tolist()) == {low, high}
+    frac = (x - low) / ulp  # P(high) of an unbiased rounding
+    sigma = ulp * (frac * (1 - frac) / n) ** 0.5  # the standard error of the mean of n such draws
+    assert abs(values.double().mean().item() - x) < 5 * sigma
+
+
+def test_a_sub_ulp_update_repeated_moves_the_weight_by_the_right_total():
+    n, step = 10_000, -1e-4  # bf16's ulp is 2**-8 just under 1: each step is 1/39 of it
+    sr = torch.ones(n, dtype=torch.bfloat16)
+    nearest = torch.ones(n, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(1000):
+        stochastic_round_(sr, sr.float() + step, gen)
+        nearest.copy_(nearest.float() + step)
+    assert torch.equal(nearest, torch.ones(n, dtype=torch.bfloat16))  # round to nearest never moves
+    # 1000 draws of a rounding whose error has standard deviation at most ulp/2 each: the mean over n weights
+    # lands within a few 1e-5 of 1 - 0.1
+    assert abs(sr.float().mean().item() - 0.9) < 1e-3
+
+
+def test_stochastic_rounding_repeats_with_the_seed_and_keeps_non_finite_values():
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(2))
+    x[:3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    a, b, c = (torch.empty(1000, dtype=torch.bfloat16) for _ in range(3))
+    stochastic_round_(a, x, torch.Generator().manual_seed(3))
+    stochastic_round_(b, x, torch.Generator().manual_seed(3))
+    stochastic_round_(c, x, torch.Generator().manual_seed(4))
+    assert torch.equal(a.view(torch.int16), b.view(torch.int16)) and not torch.equal(a, c)
+    assert a[0] == float("inf") and a[1] == float("-inf") and a[2].isnan()
+    # exact bf16 values have nothing to round
+    exact = x[3:].bfloat16().float()
+    stochastic_round_(c[3:], exact, torch.Generator().manual_seed(5))
+    assert torch.equal(c[3:].float(), exact)
+
+
+def test_booth_adamw_on_fp32_weights_is_torch_adamw():
+    shape = (12, 5)
+    param, gs = torch.randn(shape, generator=torch.Generator().manual_seed(6)), grads(shape, 8)
+    kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+    ours, _ = run(AdamW, param, gs, **kw)
+    theirs, _ = run(torch.optim.AdamW, param, gs, foreach=False, **kw)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(ours, param)
+
+
+@pytest.mark.parametrize("opt_cls", [AdamW, Adafactor])
+def test_bf16_weights_follow_the_fp32_run_on_average_where_rounding_to_nearest_stalls(opt_cls):
+    """Weights near 1 and a learning rate whose updates are a fraction of bf16's ulp: the fp32 run moves them,
+    round-to-nearest bf16 leaves them where they started, stochastic rounding follows the fp32 run."""
+    n, lr = 4096, 2e-4  # each update is at most lr (Adam's normalised step): 1/20 of the ulp at 1
+    start = 1 + 0.001 * torch.randn(n, generator=torch.Generator().manual_seed(7))
+    start = start.bfloat16().float()
+    gs = [
+        torch.ones(n) + 0.1 * torch.randn(n, generator=torch.Generator().manual_seed(8 + i))
+        for i in range(200)
+    ]
+    fp32, _ = run(opt_cls, start, gs, lr=lr)
+    nearest, _ = run(opt_cls, start.bfloat16(), gs, lr=lr)
+    sr, _ = run(opt_cls, start.bfloat16(), gs, lr=lr, generator=torch.Generator().manual_seed(9))
+    moved = (start - fp32).mean().item()
+    assert moved > 0.02  # about 200 steps of lr
+    assert torch.equal(nearest.float(), start)
+    assert abs((start - sr.float()).mean().item() - moved) < 0.02 * moved
+
+
+@pytest.mark.parametrize("opt_cls", [AdamW, Adafactor])
+def test_a_bf16_run_resumes_bitwise_with_its_fp32_state_and_generator(opt_cls):
+    shape = (9, 5, 3, 3)
+    param, gs = torch.randn(shape, generator=torch.Generator().manual_seed(10)).bfloat16(), grads(shape, 6)
+    whole, _ = run(opt_cls, param, gs, lr=1e-2, generator=torch.Generator().manual_seed(11))
+    gen = torch.Generator().manual_seed(11)
+    half, opt = run(opt_cls, param, gs[:3], lr=1e-2, generator=gen)
+    saved, rng = opt.state_dict(), gen.get_state()
+    assert {v.dtype for v in saved["state"][0].values() if torch.is_tensor(v)} == {torch.float32}
+    p = torch.nn.Parameter(half.clone())
+    resumed = opt_cls([p], lr=1e-2, generator=torch.Generator().set_state(rng))
+    resumed.load_state_dict(saved)
+    assert {v.dtype for v in resumed.state[p].values() if torch.is_tensor(v)} == {torch.float32}  # not bf16
+    for g in gs[3:]:
+        p.grad = g.bfloat16()
+        resumed.step()
+    assert torch.equal(p.detach().view(torch.int16), whole.view(torch.int16))
 
 
 # ----------------------------------------------------------------------------- the step fused into backward

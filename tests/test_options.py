@@ -269,3 +269,23 @@ def test_the_fused_step_defaults_to_bf16_on_a_gpu_else_fp32(monkeypatch):
     assert training_precision("fp32", gpu, fused=True) == "fp32"
     monkeypatch.setattr(booth.device.torch.cuda, "is_bf16_supported", lambda: False)
     assert training_precision(None, gpu, fused=True) == "fp32"
+
+
+def test_lean_fills_only_the_parts_not_given_and_leaves_lora_weights_fp32():
+    base = dict(class_name="dog", instance_dir="x")
+    lean = TrainConfig(**base, lean=True)
+    assert (lean.weights, lean.fused_backward, lean.optimizer, lean.gradient_checkpointing) == (
+        "bf16", True, "adafactor", True)  # fmt: skip
+    plain = TrainConfig(**base)
+    assert (plain.weights, plain.fused_backward, plain.optimizer, plain.gradient_checkpointing) == (
+        "fp32", False, "adamw", False)  # fmt: skip
+    own = TrainConfig(**base, lean=True, optimizer="adamw", gradient_checkpointing=False)
+    assert (own.weights, own.fused_backward, own.optimizer, own.gradient_checkpointing) == (
+        "bf16", True, "adamw", False)  # fmt: skip
+    assert own.lean_summary() == (
+        "--lean: --weights bf16, --fused-backward (set on their own: --optimizer adamw, --gradient-checkpointing off)"
+    )
+    lora = TrainConfig(**base, lean=True, lora=4)
+    assert lora.weights == "fp32" and lora.fused_backward and lora.optimizer == "adafactor"
+    # what args.yaml records is the resolved recipe: read back, nothing changes
+    assert TrainConfig.from_yaml(own.to_yaml()) == own
