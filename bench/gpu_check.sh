@@ -4,7 +4,8 @@
 #   1. bench_inference.py: booth vs diffusers txt2img, SD1 random weights, fp16, 512x512, 20 DDIM steps, batch 1;
 #   2. bench_train.py: DreamBooth step (prior preservation), fp16 mixed precision, 512: full fine-tuning and LoRA
 #      (--lora), then full fine-tuning with --gradient-checkpointing, then booth's lean step (bf16, Adafactor,
-#      --fused-backward, gradient checkpointing) against diffusers' modules with the same optimizer;
+#      --fused-backward, gradient checkpointing) against diffusers' modules with the same optimizer, and
+#      --modes: diffusers' AdamW against booth's default, adamw8bit and --lean;
 #   3. the CLI on tiny random weights: dreambooth (fp16 + gradient checkpointing, bf16 + text encoder, fp16 LoRA),
 #      txt2img (base, trained checkpoints, LoRA), img2img, and `txt2img -m demo` when booth/data/demo.safetensors
 #      exists. Each must exit 0 and write its checkpoints/images.
@@ -100,6 +101,8 @@ step bench-train-full-gc 180 bench.log "$PY" bench/bench_train.py --device "$DEV
 step bench-train-lean 180 bench.log "$PY" bench/bench_train.py --device "$DEVICE" --precision bf16 \
     --size "$SIZE" --steps "$TRAIN_STEPS" --gradient-checkpointing --optimizer adafactor --fused-backward \
     --workdir "$WORKDIR"
+step bench-train-modes 300 bench.log "$PY" bench/bench_train.py --modes --device "$DEVICE" \
+    --precision "$PRECISION" --size "$SIZE" --steps "$TRAIN_STEPS" --workdir "$WORKDIR"
 
 # ---------------------------------------------------------------------------------- 3. the CLI on tiny weights
 reserve=0
@@ -122,6 +125,10 @@ for p in $TINY_PRECISIONS; do
         step "dreambooth-$p-fused" 90 cli.log "$PY" -m booth "${DB[@]}" --precision "$p" --fused-backward \
             --optimizer adafactor -o "$o/fused"
         check "dreambooth-$p-fused-checkpoint" has "$o/fused/run0/ckpts" "*.safetensors"
+    fi
+    if [ "$p" = bf16 ]; then # --lean holds bf16 weights
+        step "dreambooth-lean" 90 cli.log "$PY" -m booth "${DB[@]}" --lean -o "$o/lean"
+        check "dreambooth-lean-checkpoint" has "$o/lean/run0/ckpts" "*.safetensors"
     fi
     step "dreambooth-$p-lora" 90 cli.log "$PY" -m booth "${DB[@]}" --precision "$p" --lora 4 -o "$o/lora"
     check "dreambooth-$p-lora-file" has "$o/lora/run0/ckpts" "*.safetensors"

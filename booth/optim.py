@@ -48,9 +48,25 @@ def write_back(p: torch.Tensor, weights: torch.Tensor, generator: torch.Generato
 
 
 class _HalfWeights(torch.optim.Optimizer):
-    """What booth's optimizers share: a rounding generator, and fp32 state kept fp32 on load."""
+    """What booth's optimizers share: a step that updates each parameter with a gradient (`_update`), a rounding
+    generator, and fp32 state kept fp32 on load."""
 
     generator: torch.Generator | None = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group)
+        return loss
+
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        raise NotImplementedError
 
     def load_state_dict(self, state_dict: dict) -> None:
         # torch casts floating-point state to its parameter's dtype, which for bf16 weights would round the
@@ -73,18 +89,6 @@ class AdamW(_HalfWeights):
                  eps: float = 1e-8, weight_decay: float = 1e-2, generator: torch.Generator | None = None):  # fmt: skip
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.generator = generator
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group)
-        return loss
 
     def _update(self, p: torch.Tensor, group: dict) -> None:
         grad, (beta1, beta2), lr = p.grad.float(), group["betas"], group["lr"]
@@ -115,18 +119,6 @@ class Adafactor(_HalfWeights):
                         weight_decay=weight_decay)  # fmt: skip
         super().__init__(params, defaults)
         self.generator = generator
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group)
-        return loss
 
     def _update(self, p: torch.Tensor, group: dict) -> None:
         grad = p.grad.float()
