@@ -57,6 +57,17 @@ def metrics(run):
     return read_jsonl(run / "metrics.jsonl")
 
 
+def whole_and_resumed(base, tmp_path, total: int, first: int, *args, name: str = "whole"):
+    """A run of `total` steps in tmp_path/name, and one stopped after `first` and continued with -r in
+    tmp_path/part; their last checkpoints are asserted to be the same bytes. Returns both run folders."""
+    whole = dreambooth(base, tmp_path / name, "--iterations", str(total), *args) / "run0"
+    part = dreambooth(base, tmp_path / "part", "--iterations", str(first), *args) / "run0"
+    assert main(["dreambooth", "-r", str(part), "--iterations", str(total)]) == 0
+    last = f"step-{total:06d}.safetensors"
+    assert (whole / "ckpts" / last).read_bytes() == (part / "ckpts" / last).read_bytes()
+    return whole, part
+
+
 # ----------------------------------------------------------------------------- the loss
 
 
@@ -187,11 +198,8 @@ def test_resume_from_any_save_point_is_bitwise_identical(base, tmp_path):
 
 def test_adafactor_trains_resumes_bitwise_and_keeps_factored_moments(base, tmp_path):
     common = ["--save-precision", "fp32", "--learning-rate", "1e-3", "-s", "2", "--optimizer", "adafactor"]
-    whole = dreambooth(base, tmp_path / "whole", "--iterations", "4", *common) / "run0"
-    part = dreambooth(base, tmp_path / "part", "--iterations", "2", *common) / "run0"
-    assert main(["dreambooth", "-r", str(part), "--iterations", "4"]) == 0
+    whole, part = whole_and_resumed(base, tmp_path, 4, 2, *common)
     name = "step-000004.safetensors"
-    assert (whole / "ckpts" / name).read_bytes() == (part / "ckpts" / name).read_bytes()
     assert unet_of(whole / "ckpts" / name).keys() == unet_of(base).keys()
     assert any(not torch.equal(a, b) for a, b in zip(unet_of(whole / "ckpts" / name).values(),
                                                      unet_of(base).values()))  # fmt: skip
@@ -300,11 +308,8 @@ def test_the_fused_step_trains_as_the_plain_one_and_resumes_bitwise(base, tmp_pa
     """Without clipping the fused step is the same arithmetic, parameter by parameter."""
     common = ["--save-precision", "fp32", "--learning-rate", "1e-3", "-s", "2", "--max-grad-norm", "0", *lora]
     plain = dreambooth(base, tmp_path / "plain", "--iterations", "4", *common) / "run0"
-    fused = dreambooth(base, tmp_path / "fused", "--iterations", "4", "--fused-backward", *common) / "run0"
-    part = dreambooth(base, tmp_path / "part", "--iterations", "2", "--fused-backward", *common) / "run0"
-    assert main(["dreambooth", "-r", str(part), "--iterations", "4"]) == 0
+    fused, _ = whole_and_resumed(base, tmp_path, 4, 2, "--fused-backward", *common, name="fused")
     name = "step-000004.safetensors"
-    assert (fused / "ckpts" / name).read_bytes() == (part / "ckpts" / name).read_bytes()
     a, b = (safetensors.torch.load_file(r / "ckpts" / name) for r in (plain, fused))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in metrics(plain)] == [r["loss"] for r in metrics(fused)]
@@ -315,11 +320,8 @@ def test_the_fused_step_trains_as_the_plain_one_and_resumes_bitwise(base, tmp_pa
 def test_bf16_weights_keep_no_fp32_copy_and_resume_bitwise(base, tmp_path, optimizer):
     common = ["--weights", "bf16", "--optimizer", optimizer, "--learning-rate", "1e-3", "-s", "2", "-l", "0",
               "--save-precision", "fp32"]  # fmt: skip
-    whole = dreambooth(base, tmp_path / "whole", "--iterations", "4", *common) / "run0"
-    part = dreambooth(base, tmp_path / "part", "--iterations", "2", *common) / "run0"
-    assert main(["dreambooth", "-r", str(part), "--iterations", "4"]) == 0
+    whole, part = whole_and_resumed(base, tmp_path, 4, 2, *common)
     name = "step-000004.safetensors"
-    assert (whole / "ckpts" / name).read_bytes() == (part / "ckpts" / name).read_bytes()
     state = torch.load(part / "state" / "step-000004.pt", weights_only=True)
     assert {v.dtype for v in state["task"]["unet"].values()} == {torch.bfloat16}, "the weights are bf16 alone"
     moments = {
@@ -361,11 +363,8 @@ def test_adamw8bit_trains_with_the_fused_step(base, tmp_path):
     common = ["--optimizer", "adamw8bit", "--learning-rate", "1e-3", "-s", "2", "-l", "0", "--max-grad-norm", "0",
               "--save-precision", "fp32"]  # fmt: skip
     plain = dreambooth(base, tmp_path / "plain", "--iterations", "2", *common) / "run0"
-    fused = dreambooth(base, tmp_path / "fused", "--iterations", "2", "--fused-backward", *common) / "run0"
-    part = dreambooth(base, tmp_path / "part", "--iterations", "1", "--fused-backward", *common) / "run0"
-    assert main(["dreambooth", "-r", str(part), "--iterations", "2"]) == 0
+    fused, _ = whole_and_resumed(base, tmp_path, 2, 1, "--fused-backward", *common, name="fused")
     name = "step-000002.safetensors"
-    assert (fused / "ckpts" / name).read_bytes() == (part / "ckpts" / name).read_bytes()
     a, b = unet_of(plain / "ckpts" / name), unet_of(fused / "ckpts" / name)
     # bitsandbytes quantises each tensor's moments in blocks, the same blocks whichever way it is stepped
     assert all(torch.equal(a[k], b[k]) for k in a)
