@@ -12,7 +12,8 @@ the DreamBooth loss (prior preservation), gradient clipping, AdamW. Full SD1 con
     python bench/bench_train.py --modes --size 64 --steps 3         # diffusers' AdamW against booth's modes
 
 --modes runs, in one go, diffusers' AdamW step and booth's default, `--optimizer adamw8bit` (where bitsandbytes
-imports) and `--lean`, and prints each one's peak and its ratio to diffusers'.
+imports) and `--lean`, and prints each one's peak and its ratio to diffusers', and booth's memory forecast of
+each run against its peak (on the CPU the whole run's, its final checkpoint included).
 
 --optimizer adafactor is transformers' Adafactor with kohya's settings on the diffusers side. --fused-backward
 is booth's alone (diffusers' script has no such step): the diffusers side then steps after the backward pass.
@@ -60,14 +61,34 @@ def worker_booth(args) -> dict:
     cfg = TrainConfig(class_name="dog", instance_dir=args.instance_dir, model=args.model, class_dir=args.class_dir,
                       class_img_count=2, hw=(args.size, args.size), iterations=args.steps, devices=[args.device],
                       lora=args.lora or None, **flags)  # fmt: skip
+    forecast = _forecast(cfg, args.device)
     try:
         run = train(cfg, out).parents[1]  # OUT/run0/ckpts/step-N.safetensors
         m = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     finally:  # a full fine-tuning run leaves a 2 GB checkpoint and a 10 GB state: only the metrics are needed
         shutil.rmtree(out, ignore_errors=True)
     peak = m[-1]["peak_memory_mb"]
-    return {"s_per_step": sum(r["seconds"] for r in m[1:]) / (len(m) - 1),
-            ("peak_cuda_mb" if args.device.startswith("cuda") else "peak_rss_mb"): peak}  # fmt: skip
+    cuda = args.device.startswith("cuda")
+    out = {"s_per_step": sum(r["seconds"] for r in m[1:]) / (len(m) - 1),
+           ("peak_cuda_mb" if cuda else "peak_rss_mb"): peak, "forecast_mb": forecast / 2**20}  # fmt: skip
+    if not cuda:  # the whole run's peak, its last save included: what the forecast is of
+        out["run_peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+def _forecast(cfg, device: str) -> float:
+    """booth's memory forecast of the run (train() prints it too), in bytes; on the CPU with the process so far."""
+    import torch
+
+    from booth.checkpoint import read_config, stored_itemsize
+    from booth.hub import find_model
+    from booth.train import _resident_bytes, forecast
+
+    path = find_model(cfg.model, "-m").path
+    config = read_config(path)
+    need = forecast(cfg.resolve(config.sample_size, config.pyramid_noise), config, torch.device(device),
+                    stored_itemsize(path), photos=len(list(Path(cfg.instance_dir).iterdir())), generate=False)  # fmt: skip
+    return need.total + (_resident_bytes() if device == "cpu" else 0)
 
 
 def worker_diffusers(args) -> dict:
@@ -246,7 +267,11 @@ def modes(file: Path, folder: Path, args) -> None:
     )
     ref = results["diffusers AdamW"]
     for name, r in results.items():
-        print(f"{name:<18}" + "".join(f"  {k} {v:10.1f} ({v / ref[k]:.2f}x)" for k, v in r.items()))
+        line = "".join(f"  {k} {v:10.1f} ({v / ref[k]:.2f}x)" for k, v in r.items() if k in ref)
+        if "forecast_mb" in r:  # against the whole run's peak on the CPU, the step's on a GPU
+            peak = r.get("run_peak_rss_mb") or r["peak_cuda_mb"]
+            line += f"  forecast {r['forecast_mb']:10.1f} ({r['forecast_mb'] / peak:.2f}x the run's peak)"
+        print(f"{name:<18}{line}")
 
 
 if __name__ == "__main__":

@@ -518,6 +518,24 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     return infer_config(to_layout(shapes, source=str(path)), str(path))
 
 
+_ITEMSIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+
+
+def stored_itemsize(path: str | os.PathLike) -> int:
+    """Bytes per weight of a model file (its most common float dtype), from the header alone; 4 where that is
+    not known without reading the weights (a pickle, a diffusers folder without safetensors)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "vae" / "diffusion_pytorch_model.safetensors"
+    if path.suffix != ".safetensors" or not path.is_file():
+        return 4
+    header, _ = safetensors_header(path)
+    sizes = [
+        _ITEMSIZES[v["dtype"]] for k, v in header.items() if k != "__metadata__" and v["dtype"] in _ITEMSIZES
+    ]
+    return max(set(sizes), key=sizes.count) if sizes else 4
+
+
 def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.exists():
         raise BoothError(f"checkpoint not found: {path}")
@@ -577,18 +595,19 @@ def load_model(
 
 
 def save_checkpoint(sd: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None,
-                    config: ModelConfig | None = None, dtype: torch.dtype | None = None) -> None:  # fmt: skip
-    """Write a single-file `.safetensors` checkpoint atomically; `config` goes into the header metadata. Refuses
-    (NonFiniteWeights) to write a tensor with an inf or NaN, as fp16 gives for weights beyond 65504."""
+                    config: ModelConfig | None = None,
+                    dtype: torch.dtype | dict[str, torch.dtype] | None = None) -> None:  # fmt: skip
+    """Write a single-file `.safetensors` checkpoint atomically; `config` goes into the header metadata, and
+    floating-point tensors are stored in `dtype` (one for all, or by name). Each tensor is converted (and copied
+    off its device) only as it is written, so a model is never held twice. Refuses (NonFiniteWeights, leaving
+    nothing written) a tensor with an inf or NaN, as fp16 gives for weights beyond 65504."""
     meta = dict(metadata or {})
     if config is not None:
         meta[CONFIG_KEY] = config.to_json()
-    tensors = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in sd.items()}
-    for k, v in tensors.items():
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise NonFiniteWeights(k, v.dtype)
+    wanted = dtype if isinstance(dtype, dict) else dict.fromkeys(sd, dtype)
+    dtypes = {k: (wanted.get(k) if v.is_floating_point() else None) or v.dtype for k, v in sd.items()}
     with atomic_path(path) as tmp:
-        write_safetensors(tensors, tmp, meta)
+        write_safetensors(sd, tmp, meta, dtypes, finite=True)
 
 
 class NonFiniteWeights(BoothError):
@@ -606,20 +625,21 @@ _DTYPE_RANK = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "B
 _DTYPE_NAMES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
 
 
-def write_safetensors(
-    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]
-) -> None:
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str],
+                      dtypes: dict[str, torch.dtype] | None = None, finite: bool = False) -> None:  # fmt: skip
     """A safetensors file with the bytes safetensors' own writer gives, except that the metadata keys are sorted.
     Its writer keeps the metadata in a Rust HashMap, whose order changes from process to process, so identical
-    runs would write different files, and a checkpoint's SHA-256 (AUTOMATIC1111's model hash) would change."""
-    order = _data_order(tensors)
+    runs would write different files, and a checkpoint's SHA-256 (AUTOMATIC1111's model hash) would change.
+    Each tensor is stored in its dtype in `dtypes` (default: its own), converted as it is written; with
+    `finite`, a tensor with an inf or NaN raises NonFiniteWeights (the caller removes the partial file)."""
+    dtypes = dtypes or {k: t.dtype for k, t in tensors.items()}
+    order = _data_order(dtypes)
     header, offset = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}, 0
     for k in order:
-        t = tensors[k]
-        size = t.numel() * t.element_size()
+        size = tensors[k].numel() * dtypes[k].itemsize
         header[k] = {
-            "dtype": _DTYPE_NAMES[t.dtype],
-            "shape": list(t.shape),
+            "dtype": _DTYPE_NAMES[dtypes[k]],
+            "shape": list(tensors[k].shape),
             "data_offsets": [offset, offset + size],
         }
         offset += size
@@ -628,19 +648,23 @@ def write_safetensors(
     with open(path, "wb") as f:
         f.write(len(blob).to_bytes(8, "little") + blob)
         for k in order:
-            f.write(_bytes(tensors[k]))
+            t = tensors[k].detach().to("cpu", dtypes[k])
+            if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise NonFiniteWeights(k, t.dtype)
+            f.write(_bytes(t))
+            del t  # before the next tensor's copy
 
 
 def data_hash(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 of the data section `write_safetensors` writes for `tensors` (kohya's `sshs_model_hash`)."""
     h = hashlib.sha256()
-    for k in _data_order(tensors):
+    for k in _data_order({k: t.dtype for k, t in tensors.items()}):
         h.update(_bytes(tensors[k]))
     return h.hexdigest()
 
 
-def _data_order(tensors: dict[str, torch.Tensor]) -> list[str]:
-    return sorted(tensors, key=lambda k: (-_DTYPE_RANK.index(_DTYPE_NAMES[tensors[k].dtype]), k))
+def _data_order(dtypes: dict[str, torch.dtype]) -> list[str]:
+    return sorted(dtypes, key=lambda k: (-_DTYPE_RANK.index(_DTYPE_NAMES[dtypes[k]]), k))
 
 
 def _bytes(t: torch.Tensor) -> memoryview:

@@ -115,8 +115,8 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, targets: s
         parent_path, _, name = path.rpartition(".")
         parent, base = model.get_submodule(parent_path), model.get_submodule(path)
         layer = LoRALayer(base, rank, rank if alpha is None else alpha, generator)
-        layer.down.to(base.weight.device)
-        layer.up.to(base.weight.device)
+        if layer.down.weight.device != base.weight.device:  # (fake tensors cannot be moved in place)
+            layer.to(base.weight.device)
         setattr(parent, name, layer)
         layers[path] = layer
     return layers

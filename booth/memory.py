@@ -6,6 +6,11 @@ walking the model's own module tree, built on the meta device (no memory), with 
 Each rule counts the tensors alive at that layer's peak, its input included, as measured on PyTorch 2.13 on
 CPU (oneDNN convolutions, glibc malloc); bench/bench_memory.py holds the forecast against whole runs.
 
+A training step is not walked by rules: `booth.train.forecast` runs the step itself on the meta device (or on
+fake tensors, where autocast must take effect), shapes and dtypes with no memory, and `LiveBytes` counts the
+bytes each op's outputs keep alive until they are freed, so autograd's saved tensors, gradient checkpointing,
+autocast's cast weights and the gradients are counted as the step makes them.
+
 Every term grows with the pixel count, none with its square: the VAE's mid-block attention passes contiguous
 q, k and v, so scaled_dot_product_attention takes its flash kernel, which walks the scores in blocks and never
 materialises them. (Its time still grows with the square: one over the 256x256 pixels of the demo's 1024x1024
@@ -19,9 +24,14 @@ overhead is most of the forecast (the demo at its own 64x64: 150 of 155 MB).
 from __future__ import annotations
 
 import functools
+import weakref
+from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from . import unet as U
 from . import vae as V
@@ -208,6 +218,127 @@ def _flash_buffers(c: int, itemsize: int) -> int:
     return torch.get_num_threads() * block
 
 
+# ---------------------------------------------------------------------------------------- training
+
+
+def fake_model(
+    config: ModelConfig, dtypes: dict[str, torch.dtype], mode: FakeTensorMode | None
+) -> LatentDiffusion:
+    """The model on the meta device, or with fake CPU tensors of `mode` as parameters, each network in its dtype
+    in `dtypes` ("unet", "vae", "text_encoder"): code run on it computes shapes and dtypes only, with no memory.
+    Autocast takes no effect on the meta device, but does on fake CPU tensors (under `mode`), which are slower."""
+    model = build(config).eval().requires_grad_(False)  # as checkpoint.load_model gives it
+    for name, dtype in dtypes.items():
+        getattr(model, name).to(dtype)
+    if mode is None:
+        return model
+    with mode:
+        for m in model.modules():
+            for k, p in m._parameters.items():
+                if p is not None:
+                    m._parameters[k] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), p.requires_grad)
+    return model
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata  # the storage itself: views and in-place results share it
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes that code keeps alive (on the meta device, fake tensors or real ones), and their peak:
+    each op's outputs by storage,
+    from the op that makes it until the last tensor on it is freed (autograd's saved tensors hold theirs until
+    the backward pass has used them). Tensors in `existing` (the weights, counted apart) are not counted."""
+
+    def __init__(self, existing: Iterable[torch.Tensor] = (), workspace=None):
+        super().__init__()
+        self.live = self.peak = 0
+        self._skip = {_storage(t) for t in existing}
+        self._refs: dict[int, list[int]] = {}  # storage -> [bytes, tensors on it]
+        self._workspace = workspace  # (op, args) -> bytes a kernel holds beyond its inputs and outputs
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self._workspace is not None:
+            self.peak = max(self.peak, self.live + self._workspace(func, args))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._count(t)
+        return out
+
+    def _count(self, t: torch.Tensor) -> None:
+        key = _storage(t)
+        if key in self._skip:
+            return
+        entry = self._refs.setdefault(key, [t.untyped_storage().nbytes(), 0])
+        if entry[1] == 0:
+            self.live += entry[0]
+            self.peak = max(self.peak, self.live)
+        entry[1] += 1
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self._refs[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._refs[key]
+            self.live -= entry[0]
+
+
+def cpu_workspace(func, args) -> int:
+    """Bytes a CPU convolution (forward or backward) holds while it runs, beyond its inputs and outputs. Half
+    precision on a CPU without oneDNN's bf16 takes the slow path, which unfolds the batch into k*k-times larger
+    columns (the demo VAE's 32-channel convolutions on two 256x256 images: 75 MB; measured with the encode:
+    109 MB, traced 102); oneDNN reorders the larger of input and output, and the weights, into its blocked
+    layout (see `_conv`)."""
+    aten = torch.ops.aten
+    if func is aten.convolution.default:
+        x, w = args[0], args[1]
+    elif func is aten.convolution_backward.default:
+        x, w = args[1], args[2]
+    else:
+        return 0
+    cout, cin, kh, kw = w.shape
+    pixels = x.shape[2] * x.shape[3]  # stride 1 (the strided convolutions' smaller output is not modelled)
+    if x.dtype in (torch.bfloat16, torch.float16) and not _onednn_half():
+        return x.shape[0] * cin * kh * kw * pixels * x.element_size() if kh * kw > 1 else 0
+    return (max(cin, cout) * pixels * x.shape[0] + w.numel()) * x.element_size()
+
+
+@functools.cache
+def _onednn_half() -> bool:
+    try:  # a private op of PyTorch's: where it is missing, assume the slow path (the larger forecast)
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def optimizer_bytes(make, params: list[torch.Tensor], mode: FakeTensorMode) -> tuple[int, int]:
+    """(bytes of the state `make([p])`'s optimizer keeps for all of `params`, the largest transient of one
+    parameter's step), from one traced step per distinct shape and dtype. For optimizers torch and booth write in
+    torch ops; bitsandbytes' kernels cannot run on fake tensors (see `adamw8bit_state_bytes`)."""
+    kinds: dict[tuple, int] = {}
+    for p in params:
+        kinds[(tuple(p.shape), p.dtype)] = kinds.get((tuple(p.shape), p.dtype), 0) + 1
+    state = transient = 0
+    for (shape, dtype), count in kinds.items():
+        with mode:
+            p = nn.Parameter(torch.empty(shape, dtype=dtype))
+            p.grad = torch.empty(shape, dtype=dtype)
+        optimizer = make([p])
+        with mode, LiveBytes([p, p.grad]) as live:
+            optimizer.step()
+        state += count * live.live
+        transient = max(transient, live.peak - live.live)
+    return state, transient
+
+
+def adamw8bit_state_bytes(params: list[torch.Tensor]) -> int:
+    """bitsandbytes' AdamW8bit: two uint8 moments and their fp32 absmax per block of 256 for tensors of at least
+    4096 elements (its min_8bit_size), two fp32 moments for smaller ones."""
+    return sum(2 * (n + 4 * -(-n // 256)) if n >= 4096 else 8 * n for n in (p.numel() for p in params))
+
+
 # ---------------------------------------------------------------------------------------- the device
 
 
@@ -240,6 +371,6 @@ def fits(needed: int, device: torch.device | str) -> tuple[bool, int | None]:
     return (available is None or needed <= available), available
 
 
-def format_gb(n: int) -> str:
+def format_gb(n: int, digits: int = 1) -> str:
     """Bytes as decimal gigabytes: 12_600_000_000 -> '12.6 GB'."""
-    return f"{n / 1e9:.1f} GB"
+    return f"{n / 1e9:.{digits}f} GB"

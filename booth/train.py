@@ -14,6 +14,7 @@ same weights as one that never stopped (on a deterministic device such as the CP
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -30,8 +32,10 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
 from tqdm import tqdm
 
+from . import memory
 from .atomic import (
     DiskFull,
     atomic_path,
@@ -42,7 +46,18 @@ from .atomic import (
     new_run_dir,
     write_text,
 )
-from .checkpoint import TEXT, UNET, NonFiniteWeights, file_hash, load_model, read_checkpoint, save_checkpoint
+from .checkpoint import (
+    TEXT,
+    UNET,
+    NonFiniteWeights,
+    file_hash,
+    load_model,
+    read_checkpoint,
+    read_config,
+    save_checkpoint,
+    stored_itemsize,
+)
+from .config import ModelConfig
 from .data import Augment, Cycler, ImageSet, find_images, prepare, readable_images
 from .device import autocast, out_of_memory, peak_memory_mb, pick_device, training_dtypes, training_precision
 from .errors import BoothError, first_line
@@ -50,6 +65,7 @@ from .formats import CHECKPOINT_FOLDER
 from .hub import find_model
 from .images import parameters_text, save_png
 from .lora import adapter_state, add_lora, kohya_metadata, load_adapter_state, save_lora
+from .memory import available_bytes, format_gb
 from .optim import Adafactor, AdamW, StepInBackward
 from .options import FUSED_FP16, WEIGHT_DECAY, Loop, Noise, Settings, TrainConfig
 from .pipeline import StableDiffusion
@@ -185,6 +201,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike = "outputs", resume: str | os
     if cfg.lean and dist.main:
         print(f"booth: {cfg.lean_summary()}", file=sys.stderr)
     found = preflight(cfg, None if resume else Path(out), warn=dist.main)
+    check_memory(cfg, found.path, None if resume is None else Path(resume), dist)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     with contextlib.ExitStack() as held, out_of_memory(MEMORY_HINT):
@@ -201,7 +218,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike = "outputs", resume: str | os
             if dist.main:
                 write_text(run / "args.yaml", cfg.to_yaml())  # the recipe as resolved
             class_paths = class_images(cfg, run, base, dist)  # 3. class images (only missing ones are made)
-            batches = Batches(cfg, image_sets(cfg, class_paths), base, dist)  # 4. batches
+            batches = Batches(
+                cfg, image_sets(cfg, class_paths), base, dist, prefetch(dist.device)
+            )  # 4. batches
             task = DreamBooth(cfg, base, batches, dist)  # 5. what trains
         return fit(task, cfg, run, dist, resume=has_state)  # 6. the loop
 
@@ -265,21 +284,35 @@ class Base:
 
 def load_base(cfg: TrainConfig, path: Path, dist: Dist) -> Base:
     device = dist.device
-    precision = training_precision(cfg.precision, device, cfg.fused_backward, cfg.weights)
-    amp_dtype, frozen = training_dtypes(precision, device)
-    master = torch.bfloat16 if cfg.weights == "bf16" else torch.float32  # the trained weights
+    amp_dtype, frozen, master = run_dtypes(cfg, device)
     ckpt = read_checkpoint(path)
     base_hash = file_hash(path) if path.is_file() else ""
     # Frozen networks are saved as the base had them; their device copies hold exactly those values unless
     # they were rounded to a half precision other than the one checkpoints are saved in.
-    lossy = not cfg.lora and frozen not in (torch.float32, _save_dtype(cfg))  # LoRA files hold no base
+    lossy = _lossy(cfg, frozen)
     file = {"dtypes": {k: v.dtype for k, v in ckpt.state_dict.items()}, "hash": base_hash, "name": ckpt.name,
             "originals": {k: v for k, v in ckpt.state_dict.items() if lossy and not k.startswith(UNET)}}  # fmt: skip
     model = load_model(ckpt, device, None)
-    model.unet.to(frozen if cfg.lora else master)
-    model.vae.to(frozen)
-    model.text_encoder.to(master if cfg.train_text_encoder else frozen)
+    for name, dtype in network_dtypes(cfg, frozen, master).items():
+        getattr(model, name).to(dtype)
     return Base(StableDiffusion(model, device, frozen, ckpt.name, base_hash), amp_dtype, file)
+
+
+def run_dtypes(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, torch.dtype, torch.dtype]:
+    """(autocast dtype or None, dtype of the frozen networks, dtype of the trained weights)."""
+    precision = training_precision(cfg.precision, device, cfg.fused_backward, cfg.weights)
+    amp_dtype, frozen = training_dtypes(precision, device)
+    return amp_dtype, frozen, torch.bfloat16 if cfg.weights == "bf16" else torch.float32
+
+
+def network_dtypes(cfg: TrainConfig, frozen: torch.dtype, master: torch.dtype) -> dict[str, torch.dtype]:
+    """Each network's dtype on the device: LoRA trains adapters on a frozen UNet."""
+    return {"unet": frozen if cfg.lora else master, "vae": frozen,
+            "text_encoder": master if cfg.train_text_encoder else frozen}  # fmt: skip
+
+
+def _lossy(cfg: TrainConfig, frozen: torch.dtype) -> bool:
+    return not cfg.lora and frozen not in (torch.float32, _save_dtype(cfg))  # LoRA files hold no base
 
 
 def _save_dtype(cfg: TrainConfig) -> torch.dtype:
@@ -299,10 +332,7 @@ def class_images(cfg: TrainConfig, run: Path, base: Base, dist: Dist) -> list[Pa
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BoothError(f"cannot make the class image folder {folder}: {e.strerror or e}") from None
-    have = readable_images(folder)[0]
-    names = {p.name for p in have}
-    missing = [i for i in range(cfg.class_img_count) if f"{i:04d}.png" not in names]
-    todo = missing[: max(0, cfg.class_img_count - len(have))]
+    todo = _missing_class_images(cfg, folder)
     dist.barrier()  # every device has listed the folder before any of them writes to it
     if todo:
         try:
@@ -313,6 +343,14 @@ def class_images(cfg: TrainConfig, run: Path, base: Base, dist: Dist) -> list[Pa
             ) from None
     dist.barrier()
     return find_images(folder, "class", warn=dist.main)[: cfg.class_img_count]
+
+
+def _missing_class_images(cfg: TrainConfig, folder: Path) -> list[int]:
+    """The indices of the class images to make: the first free names, as many as the folder is short of."""
+    have = readable_images(folder)[0] if folder.is_dir() else []
+    names = {p.name for p in have}
+    missing = [i for i in range(cfg.class_img_count) if f"{i:04d}.png" not in names]
+    return missing[: max(0, cfg.class_img_count - len(have))]
 
 
 def _generate_class_images(cfg: TrainConfig, folder: Path, todo: list[int], base: Base, dist: Dist) -> None:
@@ -333,6 +371,12 @@ def _generate_class_images(cfg: TrainConfig, folder: Path, todo: list[int], base
             bar.update(len(chunk))
 
 
+def prefetch(device: torch.device) -> bool:
+    """Whether the next micro-batch is augmented while the step runs: on a GPU, where the CPU is otherwise idle;
+    on the CPU the worker thread would only compete with the step for the same cores."""
+    return device.type == "cuda"
+
+
 def image_sets(cfg: TrainConfig, class_paths: list[Path]) -> dict[str, ImageSet]:
     aug = Augment(flip=cfg.flip, resize=cfg.random_resize, jitter=cfg.color_jitter)
     sets = {"instance": ImageSet(find_images(cfg.instance_dir, "instance", warn=False), tuple(cfg.hw), aug)}
@@ -344,13 +388,31 @@ def image_sets(cfg: TrainConfig, class_paths: list[Path]) -> dict[str, ImageSet]
 # ----------------------------------------------------------------------------- batches
 
 
+@dataclass
+class _Drawn:
+    """One micro-batch's CPU part (`Batches._draw`), and the data generators' state once it was drawn."""
+
+    gens: list[torch.Generator]
+    n_inst: int
+    pixels: torch.Tensor | None  # augmented images, or without them (cached latents) the moments' rows
+    rows: list | None
+    state: tuple[torch.Tensor, dict]
+
+
 class Batches:
     """Micro-batches of clean latents. Indices and per-image seeds are drawn for the *global* batch (all devices)
     from shared generators and each device takes its slice, so N devices see exactly what one device would with
     an N-times larger batch. Each image's own generator then drives its augmentation, posterior sample, noise
-    and timestep, in that order."""
+    and timestep, in that order.
 
-    def __init__(self, cfg: TrainConfig, sets: dict[str, ImageSet], base: Base, dist: Dist):
+    With `prefetch` the next micro-batch is drawn and augmented on a worker thread while the device runs the
+    step (on this host's CPU, augmenting one 512x512 photo takes ~170 ms). It draws from copies of the
+    generators, which become the batches' own only when that batch is taken, so the state saved for a resume is
+    always that of the batches used, and a run draws the same batches with or without prefetching."""
+
+    def __init__(
+        self, cfg: TrainConfig, sets: dict[str, ImageSet], base: Base, dist: Dist, prefetch: bool = False
+    ):
         self.cfg, self.sets, self.dist = cfg, sets, dist
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.vae, self.scale_factor, self.dtype = (
@@ -360,27 +422,47 @@ class Batches:
         )
         self.cyclers = {kind: Cycler(len(images), self.gen) for kind, images in sets.items()}
         self.cache = self._encode_all() if cfg.cache_latents else None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="booth-batches") if prefetch else None
+        self._ahead: Future | None = None
 
     def next(self) -> tuple[torch.Tensor, list[torch.Generator], int]:
         """(x0 (B, 4, h, w) with instance rows first, one generator per row, number of instance rows)."""
+        drawn = self._ahead.result() if self._ahead is not None else self._draw(*self._fork())
+        self.gen.set_state(drawn.state[0])  # taken: its generators' state is now the batches' own
+        for kind, state in drawn.state[1].items():
+            self.cyclers[kind].load_state_dict(state)
+        if self._pool is not None:
+            self._ahead = self._pool.submit(self._draw, *self._fork())
+        if self.cache is not None:
+            mean, std = torch.stack([r[0] for r in drawn.rows]), torch.stack([r[1] for r in drawn.rows])
+        else:
+            mean, std = self._encode(drawn.pixels)
+        noise = randn(mean.shape, drawn.gens, mean.device)
+        return (mean + std * noise) * self.scale_factor, drawn.gens, drawn.n_inst
+
+    def _fork(self) -> tuple[torch.Generator, dict[str, Cycler]]:
+        gen = torch.Generator()
+        gen.set_state(self.gen.get_state())
+        cyclers = {kind: Cycler(c.n, gen) for kind, c in self.cyclers.items()}
+        for kind, c in cyclers.items():
+            c.load_state_dict(self.cyclers[kind].state_dict())
+        return gen, cyclers
+
+    def _draw(self, gen: torch.Generator, cyclers: dict[str, Cycler]) -> _Drawn:
         b, n = self.cfg.batch_size, self.cfg.batch_size * self.dist.world
-        picks = {kind: c.take(n) for kind, c in self.cyclers.items()}
-        seeds = torch.randint(0, 2**62, (n * len(picks),), generator=self.gen).tolist()
+        picks = {kind: c.take(n) for kind, c in cyclers.items()}
+        seeds = torch.randint(0, 2**62, (n * len(picks),), generator=gen).tolist()
         mine = slice(self.dist.rank * b, (self.dist.rank + 1) * b)
         items = [(kind, i) for kind in picks for i in picks[kind][mine]]
         local_seeds = [s for k in range(len(picks)) for s in seeds[k * n : (k + 1) * n][mine]]
         gens = [torch.Generator().manual_seed(s) for s in local_seeds]
-        mean, std = self._moments(items, gens)
-        noise = randn(mean.shape, gens, mean.device)
-        return (mean + std * noise) * self.scale_factor, gens, len(picks["instance"][mine])
-
-    def _moments(self, items, gens) -> tuple[torch.Tensor, torch.Tensor]:
+        state = (gen.get_state(), {kind: c.state_dict() for kind, c in cyclers.items()})
         if self.cache is not None:  # cached: only the flip is random
             flips = [self.cfg.flip and torch.rand((), generator=g).item() < 0.5 for g in gens]
             rows = [self.cache[kind][i, int(f)] for (kind, i), f in zip(items, flips)]
-            return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
-        images = torch.cat([self.sets[kind].batch([i], g) for (kind, i), g in zip(items, gens)])
-        return self._encode(images)
+            return _Drawn(gens, len(picks["instance"][mine]), None, rows, state)
+        pixels = torch.cat([self.sets[kind].batch([i], g) for (kind, i), g in zip(items, gens)])
+        return _Drawn(gens, len(picks["instance"][mine]), pixels, None, state)
 
     @torch.no_grad()
     def _encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -404,6 +486,7 @@ class Batches:
         return {kind: c.state_dict() for kind, c in self.cyclers.items()}
 
     def load_state_dict(self, state: dict) -> None:
+        self._ahead = None  # drawn from the state before this one
         for kind, c in self.cyclers.items():
             c.load_state_dict(state[kind])
 
@@ -425,16 +508,7 @@ class DreamBooth:
         self.memory_hint = MEMORY_HINT + (", or drop -t" if cfg.train_text_encoder else "")
         self.model.unet.gradient_checkpointing = cfg.gradient_checkpointing
         self.model.unet.train()
-        self.lora = None
-        if cfg.lora:  # only the adapters train; every base weight stays frozen
-            self.lora = add_lora(self.model, cfg.lora, cfg.lora_alpha or cfg.lora, cfg.lora_targets,
-                                 cfg.lora_text_encoder, cfg.seed)  # fmt: skip
-            self.params = [p for layer in self.lora.values() for p in (layer.down.weight, layer.up.weight)]
-        else:
-            self.params = list(self.model.unet.requires_grad_(True).parameters())
-        if cfg.train_text_encoder:
-            self.model.text_encoder.requires_grad_(True).train()
-            self.params += list(self.model.text_encoder.parameters())
+        self.lora, self.params = trainable(self.model, cfg)
         self.unet = _wrap_ddp(self.model.unet, dist, cfg.fused_backward)
         self.alphas_cumprod = self.sd.schedule.alphas_cumprod.to(dist.device)
         self.encode_text = self._prompts(dist)
@@ -517,6 +591,22 @@ class DreamBooth:
             save_png(image, folder / f"{i:04d}.png")
 
 
+def trainable(model, cfg: TrainConfig) -> tuple[dict | None, list[torch.Tensor]]:
+    """(the LoRA adapters or None, the parameters that train): the UNet, and with -t the text encoder, or with
+    --lora only the adapters, every base weight frozen."""
+    lora = None
+    if cfg.lora:
+        lora = add_lora(model, cfg.lora, cfg.lora_alpha or cfg.lora, cfg.lora_targets, cfg.lora_text_encoder,
+                        cfg.seed)  # fmt: skip
+        params = [p for layer in lora.values() for p in (layer.down.weight, layer.up.weight)]
+    else:
+        params = list(model.unet.requires_grad_(True).parameters())
+    if cfg.train_text_encoder:
+        model.text_encoder.requires_grad_(True).train()
+        params += list(model.text_encoder.parameters())
+    return lora, params
+
+
 def _encode(text_encoder, ids: torch.Tensor, amp) -> torch.Tensor:
     """(B, 77*K) ids -> (B, 77*K, C); chunks go through the module's own forward so DDP sees the call."""
     b, length = ids.shape
@@ -528,19 +618,212 @@ def save_model(path: Path, model, cfg: TrainConfig, meta: dict, file: dict) -> P
     """A complete SD1 single file in the CompVis layout. `file` describes the base file: its dtypes, and its
     frozen tensors when the copies on the device were rounded below them."""
     dtype = _save_dtype(cfg)
-    sd = {UNET + k: v.detach().to("cpu", dtype) for k, v in model.unet.state_dict().items()}
+    sd = {UNET + k: v for k, v in model.unet.state_dict().items()}
     trained_te = cfg.train_text_encoder
     if trained_te:
-        sd.update({TEXT + k: v.detach().to("cpu", dtype) for k, v in model.text_encoder.state_dict().items()})
+        sd.update({TEXT + k: v for k, v in model.text_encoder.state_dict().items()})
+    dtypes = dict.fromkeys(sd, dtype)
     frozen = [("first_stage_model.", model.vae)] + ([] if trained_te else [(TEXT, model.text_encoder)])
     for prefix, module in frozen:  # untouched networks: the base's values, never stored above its precision
         for k, v in module.state_dict().items():
             k = prefix + k
             was = file["dtypes"][k]
-            v = file["originals"].get(k, v)
-            sd[k] = v.detach().to("cpu", was if was.itemsize < dtype.itemsize else dtype)
-    save_checkpoint(sd, path, metadata=meta, config=model.config)
+            sd[k] = file["originals"].get(k, v)
+            dtypes[k] = was if was.itemsize < dtype.itemsize else dtype
+    save_checkpoint(
+        sd, path, metadata=meta, config=model.config, dtype=dtypes
+    )  # each converted as it is written
     return path
+
+
+# ----------------------------------------------------------------------------- the memory forecast
+
+
+@dataclass
+class Forecast:
+    """What a run allocates on its device at its peak, in bytes: the weights, the optimizer's state, and the
+    largest of the phases on top of them (the training step's gradients and activations, the preview and class
+    images' sampling, the checkpoint's copies while it is written); on the CPU also the host copies (`host`:
+    the decoded photos, and the base's frozen tensors kept for saving when the device holds them rounded)."""
+
+    weights: int
+    optimizer: int
+    step: int
+    sampling: int
+    save: int = 0
+    host: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.host + max(self.sampling, self.optimizer + max(self.step, self.save))
+
+    def describe(self) -> str:
+        parts = (("weights", self.weights), ("optimizer", self.optimizer), ("step", self.step))
+        return ", ".join(f"{name} {n / 1e9:.2f}" for name, n in parts)
+
+
+def forecast(cfg: TrainConfig, config: ModelConfig, device: torch.device, itemsize: int = 4, photos: int = 0,
+             generate: bool = True) -> Forecast:  # fmt: skip
+    """The memory a run of `cfg` (resolved: its size known) needs on `device`, from the model's config alone. The
+    step is traced on fake tensors (memory.LiveBytes), so autograd's saved tensors, checkpointing, autocast's
+    cast weights and the gradients are counted as the step makes them; the optimizer by stepping one fake
+    parameter of each shape. `itemsize`: the base file's bytes per weight; `photos`: how many; `generate`:
+    whether class images are to be made."""
+    amp, frozen, master = run_dtypes(cfg, device)
+    dtypes = network_dtypes(cfg, frozen, master)
+    mode = FakeTensorMode()
+    # autocast changes nothing where every network is in its dtype already: trace on the faster meta device
+    mixed = amp is not None and (cfg.lora or any(d != amp for d in dtypes.values()))
+    model = memory.fake_model(config, dtypes, mode if mixed else None)
+    with mode if mixed else contextlib.nullcontext():
+        _, params = trainable(model, cfg)
+    state, transient = _optimizer_forecast(cfg, params, mode, device)
+    peak, end = _trace_step(cfg, model, params, amp, mode if mixed else contextlib.nullcontext(), device)
+    h, w = cfg.hw
+    sampling = memory.sampling_bytes(config, h, w, cfg.generation_batch_size, frozen.itemsize, cfg.scale != 1,
+                                     encode=False) if generate else 0  # fmt: skip
+    if cfg.sample_every:  # the previews (two images) sample beside the optimizer's state
+        peak = max(peak, memory.sampling_bytes(config, h, w, 2, frozen.itemsize, True, encode=False))
+    out = Forecast(sum(p.numel() * p.element_size() for p in model.parameters()), state,
+                   peak + transient if cfg.fused_backward else max(peak, end + transient), sampling)  # fmt: skip
+    if device.type == "cpu":  # what the run keeps in host memory is on the device too
+        out.save, out.host = _host_bytes(cfg, model, frozen, itemsize, photos)
+    return out
+
+
+def check_memory(cfg: TrainConfig, path: Path, run: Path | None, dist: Dist) -> Forecast:
+    """Print what the run (a new one, or `run` resumed) needs on its device and what is free there, from the
+    base's header alone; refuse a CUDA run that cannot fit, naming the flags with which it would."""
+    config = read_config(path)
+    cfg = cfg.resolve(config.sample_size, config.pyramid_noise)
+    folder = Path(cfg.class_dir) if cfg.class_dir else run / "class-imgs" if run else None
+    generate = cfg.lamb > 0 and (folder is None or bool(_missing_class_images(cfg, folder)))
+    inputs = dict(itemsize=stored_itemsize(path), generate=generate,
+                  photos=len(find_images(cfg.instance_dir, "instance", warn=False)))  # fmt: skip
+    need = forecast(cfg, config, dist.device, **inputs)
+    free = available_bytes(dist.device)
+    base = _resident_bytes() if dist.device.type == "cpu" else 0  # the process as it is now
+    if dist.main:
+        room = f"; {format_gb(free)} free" if free is not None else ""
+        print(f"booth: this run needs about {format_gb(base + need.total, 2)} on {dist.device} ({need.describe()} GB"
+              f"{room})", file=sys.stderr)  # fmt: skip
+    if free is not None and need.total > free:
+        ways = _ways_to_fit(cfg, config, dist.device, inputs, free)
+        advice = (
+            f"it would fit with {' or '.join(ways)}" if ways else MEMORY_HINT.removeprefix("while training: ")
+        )
+        message = f"this run needs about {format_gb(need.total)} on {dist.device}, and {format_gb(free)} is free: {advice}"
+        if dist.device.type == "cuda":
+            raise BoothError(message)
+        if dist.main:
+            print(f"booth: warning: {message}", file=sys.stderr)
+    return need
+
+
+# Changes that lower what a run needs, the least change to what is learnt first
+FITTING = (("--gradient-checkpointing", dict(gradient_checkpointing=True)),
+           ("--lean", dict(lean=True, weights=None, fused_backward=None, optimizer=None, gradient_checkpointing=None)),
+           ("--lora 16 --gradient-checkpointing", dict(lora=16, lean=False, weights="fp32", fused_backward=False,
+                                                       optimizer="adamw", gradient_checkpointing=True)))  # fmt: skip
+
+
+def _ways_to_fit(cfg: TrainConfig, config: ModelConfig, device, inputs: dict, free: int) -> list[str]:
+    """The changes of FITTING (each with --batch-size 1 too, where the batch is larger) whose forecast fits."""
+    ways = []
+    for flags, change in FITTING:
+        for batch in dict.fromkeys((cfg.batch_size, 1)):
+            try:
+                other = dataclasses.replace(cfg, **change, batch_size=batch)
+                other.validate()
+            except BoothError:
+                break  # the change does not combine with this run's other flags
+            if other != cfg and forecast(other, config, device, **inputs).total <= free:
+                ways.append(flags + ("" if batch == cfg.batch_size else " --batch-size 1"))
+                break
+    return ways
+
+
+def _resident_bytes() -> int:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0  # not Linux: the figure is then the run's own
+
+
+def _optimizer_forecast(cfg: TrainConfig, params: list, mode, device: torch.device) -> tuple[int, int]:
+    """(the optimizer's state, the temporaries of its step)."""
+    if cfg.optimizer == "adamw8bit":  # bitsandbytes' kernels do not run on fake tensors
+        return memory.adamw8bit_state_bytes(params), 0
+    generator = torch.Generator() if cfg.weights == "bf16" else None
+    state, transient = memory.optimizer_bytes(partial(_optimizer, cfg, generator=generator), params, mode)
+    if (
+        device.type == "cuda"
+        and cfg.optimizer == "adamw"
+        and cfg.weights != "bf16"
+        and not cfg.fused_backward
+    ):
+        # torch's AdamW steps every CUDA tensor at once (foreach), with one temporary the size of a moment
+        transient = max(transient, state // 2)
+    return state, transient
+
+
+def _trace_step(cfg: TrainConfig, model, params: list, amp_dtype, mode, on: torch.device) -> tuple[int, int]:
+    """(peak, end) bytes of the activations and gradients of one optimizer step, beyond the weights: the VAE
+    encode, then up to two micro-batches (the second finds the first's gradients accumulated). CPU autocast's
+    policy stands in for the device's; on (`on`) a CPU, convolutions hold a workspace (memory.cpu_workspace)."""
+    (h, w), f, n = cfg.hw, model.config.vae.downscale, cfg.batch_size
+    rows, micro = n * (2 if cfg.lamb > 0 else 1), min(cfg.grad_accum, 2)
+    model.unet.gradient_checkpointing = cfg.gradient_checkpointing
+    model.unet.train()
+    armed = [False]  # the fused step frees each gradient once used, in the last micro-batch only
+    drop = partial(_drop_grad, armed)
+    hooks = [p.register_post_accumulate_grad_hook(drop) for p in params if cfg.fused_backward]
+    amp = autocast(torch.device("cpu"), amp_dtype)
+    device = next(model.parameters()).device
+    workspace = memory.cpu_workspace if on.type == "cpu" else None
+    with mode, torch.device(device), memory.LiveBytes(model.parameters(), workspace) as live:
+        with torch.no_grad():
+            model.vae.encode(torch.empty(rows, 3, h, w, dtype=next(model.vae.parameters()).dtype))
+        ids = torch.zeros(2, model.config.clip.max_positions, dtype=torch.long)
+        alphas = torch.linspace(0.999, 0.001, model.config.num_train_timesteps)
+        for i in range(micro):
+            armed[0] = i == micro - 1
+            grad = cfg.train_text_encoder or bool(cfg.lora and cfg.lora_text_encoder)
+            with torch.set_grad_enabled(grad):
+                ctx = _encode(model.text_encoder, ids, amp)
+            context = torch.cat([ctx[:1].expand(n, -1, -1), ctx[1:2].expand(rows - n, -1, -1)])
+            x0, gens = torch.empty(rows, 4, h // f, w // f), [torch.Generator() for _ in range(rows)]
+            loss = diffusion_loss(cfg, x0, gens, context, n, model.unet, alphas, amp, cfg.lamb)[0]
+            loss.backward()
+            del loss, ctx, context
+        for handle in hooks:
+            handle.remove()
+        return live.peak, live.live
+
+
+def _drop_grad(armed: list[bool], p: torch.Tensor) -> None:
+    if armed[0]:  # the fused step has used the gradient
+        p.grad = None
+
+
+def _host_bytes(
+    cfg: TrainConfig, model, frozen: torch.dtype, file_itemsize: int, photos: int
+) -> tuple[int, int]:
+    """(a checkpoint's copy of a tensor while it is written, what stays in host memory: the decoded photos and
+    class images, and the base's frozen tensors `load_base` keeps when the device rounds them)."""
+    save = _save_dtype(cfg)
+    trained = [model.unet] + ([model.text_encoder] if cfg.train_text_encoder else [])
+    kept = [model.vae] + ([] if cfg.train_text_encoder else [model.text_encoder])
+    originals = (
+        sum(p.numel() for m in kept for p in m.parameters()) * file_itemsize if _lossy(cfg, frozen) else 0
+    )
+    # a checkpoint converts one tensor at a time as it writes it (checkpoint.write_safetensors): its copy, and
+    # isfinite's |x| and three masks
+    largest = max(p.numel() for m in trained for p in m.parameters())
+    copies = 0 if cfg.lora else largest * (2 * save.itemsize + 3)
+    h, w = cfg.hw
+    images = 3 * h * w * ((cfg.class_img_count if cfg.lamb > 0 else 0) + photos)  # RGB, 8 bits each
+    return copies, originals + images
 
 
 # ----------------------------------------------------------------------------- the loop
