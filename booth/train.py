@@ -691,7 +691,7 @@ def forecast(cfg: TrainConfig, config: ModelConfig, device: torch.device, itemsi
     return out
 
 
-def check_memory(cfg: TrainConfig, path: Path, run: Path | None, dist: Dist) -> Forecast:
+def check_memory(cfg: TrainConfig, path: Path, run: Path | None, dist: Dist) -> Forecast | None:
     """Print what the run (a new one, or `run` resumed) needs on its device and what is free there, from the
     base's header alone; refuse a CUDA run that cannot fit, naming the flags with which it would."""
     config = read_config(path)
@@ -700,7 +700,17 @@ def check_memory(cfg: TrainConfig, path: Path, run: Path | None, dist: Dist) -> 
     generate = cfg.lamb > 0 and (folder is None or bool(_missing_class_images(cfg, folder)))
     inputs = dict(itemsize=stored_itemsize(path), generate=generate,
                   photos=len(find_images(cfg.instance_dir, "instance", warn=False)))  # fmt: skip
-    need = forecast(cfg, config, dist.device, **inputs)
+    try:
+        need = forecast(cfg, config, dist.device, **inputs)
+    except (
+        RuntimeError,
+        TypeError,
+        ValueError,
+        NotImplementedError,
+    ) as e:  # e.g. an op this PyTorch cannot trace
+        if dist.main:  # the forecast only advises: the run goes on without it
+            print(f"booth: warning: no memory forecast ({first_line(e, 200)})", file=sys.stderr)
+        return None
     free = available_bytes(dist.device)
     base = _resident_bytes() if dist.device.type == "cpu" else 0  # the process as it is now
     if dist.main:

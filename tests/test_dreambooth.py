@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -88,6 +89,22 @@ def test_prefetched_batches_are_the_same_batches_and_resume_bitwise(base, tmp_pa
     last = "ckpts/step-000003.safetensors"
     assert (whole / last).read_bytes() == (plain / last).read_bytes()
     assert any(name.startswith("booth-batches") for name in seen)  # it did draw ahead on the worker
+
+
+def test_every_run_prints_its_memory_forecast_and_goes_on_without_one(base, tmp_path, capsys, monkeypatch):
+    import booth.train
+
+    dreambooth(base, tmp_path / "a", "--iterations", "1", "-l", "0")
+    assert re.search(r"booth: this run needs about [0-9.]+ GB on cpu \(weights", capsys.readouterr().err)
+
+    def untraceable(*a, **k):
+        raise RuntimeError("aten::something has no meta kernel\nmore")
+
+    monkeypatch.setattr(booth.train, "forecast", untraceable)
+    dreambooth(base, tmp_path / "b", "--iterations", "1", "-l", "0")  # the forecast only advises
+    assert (
+        "booth: warning: no memory forecast (aten::something has no meta kernel)" in capsys.readouterr().err
+    )
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -260,7 +277,7 @@ def full_disk(monkeypatch, where: str) -> None:
     an OSError), the training state (torch.save, a RuntimeError that does not say why), or the metrics log."""
     if where == "checkpoint":
 
-        def write(tensors, filename, metadata=None):
+        def write(tensors, filename, metadata=None, dtypes=None, finite=False):
             Path(filename).write_bytes(b"partial")
             raise OSError(28, "No space left on device")
 
