@@ -81,13 +81,15 @@ def _forecast(cfg, device: str) -> float:
     import torch
 
     from booth.checkpoint import read_config, stored_itemsize
+    from booth.data import find_images
     from booth.hub import find_model
     from booth.train import _resident_bytes, forecast
 
     path = find_model(cfg.model, "-m").path
     config = read_config(path)
+    photos = len(find_images(cfg.instance_dir, "instance", warn=False))
     need = forecast(cfg.resolve(config.sample_size, config.pyramid_noise), config, torch.device(device),
-                    stored_itemsize(path), photos=len(list(Path(cfg.instance_dir).iterdir())), generate=False)  # fmt: skip
+                    stored_itemsize(path), photos=photos, generate=False)  # fmt: skip
     return need.total + (_resident_bytes() if device == "cpu" else 0)
 
 

@@ -5,7 +5,8 @@
 #   2. bench_train.py: DreamBooth step (prior preservation), fp16 mixed precision, 512: full fine-tuning and LoRA
 #      (--lora), then full fine-tuning with --gradient-checkpointing, then booth's lean step (bf16, Adafactor,
 #      --fused-backward, gradient checkpointing) against diffusers' modules with the same optimizer, and
-#      --modes: diffusers' AdamW against booth's default, adamw8bit and --lean;
+#      --modes: diffusers' AdamW against booth's default, adamw8bit and --lean, each booth run with its memory
+#      forecast (booth.train.forecast) against its CUDA peak;
 #   3. the CLI on tiny random weights: dreambooth (fp16 + gradient checkpointing, bf16 + text encoder, fp16 LoRA),
 #      txt2img (base, trained checkpoints, LoRA), img2img, and `txt2img -m demo` when booth/data/demo.safetensors
 #      exists. Each must exit 0 and write its checkpoints/images.

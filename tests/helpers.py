@@ -180,7 +180,10 @@ def interrupt_once_logged(cmd: list[str], log, lines: int = 3, timeout: float = 
 def interrupt_when(cmd: list[str], ready, timeout: float = 300) -> tuple[int, str]:
     """Run `cmd` in a fresh process, press Ctrl-C once `ready()` is true, and return its exit code and stderr."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell's background job starts with SIGINT ignored, and its children inherit that (Python then installs
+    # no KeyboardInterrupt handler): give the child the default a terminal's would have, wherever pytest runs.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.time() + timeout
     while time.time() < deadline and not ready() and proc.poll() is None:
         time.sleep(0.05)
