@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -394,8 +395,8 @@ class _Drawn:
 
     gens: list[torch.Generator]
     n_inst: int
-    pixels: torch.Tensor | None  # augmented images, or without them (cached latents) the moments' rows
-    rows: list | None
+    pixels: torch.Tensor | None  # the augmented images (None with cached latents)
+    rows: list | None  # with cached latents, each row's posterior moments
     state: tuple[torch.Tensor, dict]
 
 
@@ -424,6 +425,8 @@ class Batches:
         self.cache = self._encode_all() if cfg.cache_latents else None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="booth-batches") if prefetch else None
         self._ahead: Future | None = None
+        if self._pool is not None:  # its thread ends with the batches, not with the process
+            weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
 
     def next(self) -> tuple[torch.Tensor, list[torch.Generator], int]:
         """(x0 (B, 4, h, w) with instance rows first, one generator per row, number of instance rows)."""
