@@ -80,17 +80,13 @@ def _forecast(cfg, device: str) -> float:
     """booth's memory forecast of the run (train() prints it too), in bytes; on the CPU with the process so far."""
     import torch
 
-    from booth.checkpoint import read_config, stored_itemsize
-    from booth.data import find_images
+    from booth import memory
     from booth.hub import find_model
-    from booth.train import _resident_bytes, forecast
+    from booth.train import forecast, forecast_inputs
 
-    path = find_model(cfg.model, "-m").path
-    config = read_config(path)
-    photos = len(find_images(cfg.instance_dir, "instance", warn=False))
-    need = forecast(cfg.resolve(config.sample_size, config.pyramid_noise), config, torch.device(device),
-                    stored_itemsize(path), photos=photos, generate=False)  # fmt: skip
-    return need.total + (_resident_bytes() if device == "cpu" else 0)
+    cfg, config, inputs = forecast_inputs(cfg, find_model(cfg.model, "-m").path)
+    need = forecast(cfg, config, torch.device(device), **inputs)
+    return need.total + (memory.resident_bytes() if device == "cpu" else 0)
 
 
 def worker_diffusers(args) -> dict:

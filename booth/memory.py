@@ -24,8 +24,10 @@ overhead is most of the forecast (the demo at its own 64x64: 150 of 155 MB).
 from __future__ import annotations
 
 import functools
+import os
 import weakref
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -363,6 +365,14 @@ def _mem_available(path: str = "/proc/meminfo") -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux's /proc/self/statm), or 0 where that is not known."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def fits(needed: int, device: torch.device | str) -> tuple[bool, int | None]:

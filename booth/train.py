@@ -697,25 +697,15 @@ def forecast(cfg: TrainConfig, config: ModelConfig, device: torch.device, itemsi
 def check_memory(cfg: TrainConfig, path: Path, run: Path | None, dist: Dist) -> Forecast | None:
     """Print what the run (a new one, or `run` resumed) needs on its device and what is free there, from the
     base's header alone; refuse a CUDA run that cannot fit, naming the flags with which it would."""
-    config = read_config(path)
-    cfg = cfg.resolve(config.sample_size, config.pyramid_noise)
-    folder = Path(cfg.class_dir) if cfg.class_dir else run / "class-imgs" if run else None
-    generate = cfg.lamb > 0 and (folder is None or bool(_missing_class_images(cfg, folder)))
-    inputs = dict(itemsize=stored_itemsize(path), generate=generate,
-                  photos=len(find_images(cfg.instance_dir, "instance", warn=False)))  # fmt: skip
+    cfg, config, inputs = forecast_inputs(cfg, path, run)
     try:
         need = forecast(cfg, config, dist.device, **inputs)
-    except (
-        RuntimeError,
-        TypeError,
-        ValueError,
-        NotImplementedError,
-    ) as e:  # e.g. an op this PyTorch cannot trace
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:  # e.g. an op it cannot trace
         if dist.main:  # the forecast only advises: the run goes on without it
             print(f"booth: warning: no memory forecast ({first_line(e, 200)})", file=sys.stderr)
         return None
     free = available_bytes(dist.device)
-    base = _resident_bytes() if dist.device.type == "cpu" else 0  # the process as it is now
+    base = memory.resident_bytes() if dist.device.type == "cpu" else 0  # the process as it is now
     if dist.main:
         room = f"; {format_gb(free)} free" if free is not None else ""
         print(f"booth: this run needs about {format_gb(base + need.total, 2)} on {dist.device} ({need.describe()} GB"
@@ -731,6 +721,19 @@ def check_memory(cfg: TrainConfig, path: Path, run: Path | None, dist: Dist) -> 
         if dist.main:
             print(f"booth: warning: {message}", file=sys.stderr)
     return need
+
+
+def forecast_inputs(
+    cfg: TrainConfig, path: Path, run: Path | None = None
+) -> tuple[TrainConfig, ModelConfig, dict]:
+    """(the run resolved against its base, the base's config, `forecast`'s other arguments), from the base's
+    header, the photos and the class folder (a new run's, or that of `run` resumed)."""
+    config = read_config(path)
+    cfg = cfg.resolve(config.sample_size, config.pyramid_noise)
+    folder = Path(cfg.class_dir) if cfg.class_dir else run / "class-imgs" if run else None
+    generate = cfg.lamb > 0 and (folder is None or bool(_missing_class_images(cfg, folder)))
+    photos = len(find_images(cfg.instance_dir, "instance", warn=False))
+    return cfg, config, dict(itemsize=stored_itemsize(path), generate=generate, photos=photos)
 
 
 # Changes that lower what a run needs, the least change to what is learnt first
@@ -754,13 +757,6 @@ def _ways_to_fit(cfg: TrainConfig, config: ModelConfig, device, inputs: dict, fr
                 ways.append(flags + ("" if batch == cfg.batch_size else " --batch-size 1"))
                 break
     return ways
-
-
-def _resident_bytes() -> int:
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0  # not Linux: the figure is then the run's own
 
 
 def _optimizer_forecast(cfg: TrainConfig, params: list, mode, device: torch.device) -> tuple[int, int]:
