@@ -3,12 +3,17 @@
 Each measurement runs in its own process so peak memory is that library's alone:
   - load: time to build the pipeline from disk, and peak host RSS while doing it;
   - sample: seconds per denoising step (DDIM, classifier-free guidance, so two UNet passes per step), the
-    first step excluded as warm-up; peak host RSS and, on CUDA, peak allocated GPU memory over the whole run.
+    first step excluded as warm-up; peak host RSS and, on CUDA, peak allocated GPU memory over the whole run;
+  - total: from the start of loading to the decoded images (booth reads each network when it is first needed,
+    so its reading shows here, not in load).
 
-Default: full SD1 config, random weights (written once to --workdir as an fp16 single file for booth and as a
-diffusers folder for diffusers), CPU fp32 at 256x256. On a GPU: `--device cuda --dtype fp16 --size 512`.
+Default: full SD1 config, random weights (written once to --workdir as a diffusers fp16 folder, which diffusers
+loads, and as an fp16 and an fp32 .safetensors file and an fp16 .ckpt), CPU fp32 at 256x256. booth loads each of
+the four, and the fp16 file again with --low-memory; every row is compared with diffusers' one run.
+On a GPU: `--device cuda --dtype fp16 --size 512`.
 
-    python bench/bench_inference.py                       # CPU
+    python bench/bench_inference.py                       # CPU: about 6 minutes on 2 cores
+    python bench/bench_inference.py --formats safetensors # booth from the fp16 file only
     python bench/bench_inference.py --device cuda --dtype fp16 --size 512 --steps 20
 """
 
@@ -34,26 +39,35 @@ def peak_rss_mb() -> float:
     return peak_memory_mb(torch.device("cpu"))
 
 
-def prepare(workdir: Path) -> tuple[Path, Path]:
-    """Random SD1 weights as booth's fp16 .safetensors and as a diffusers folder (converted by diffusers)."""
+FORMATS = ("safetensors", "safetensors-fp32", "ckpt", "diffusers", "low-memory")
+
+
+def prepare(workdir: Path) -> dict[str, Path]:
+    """Random SD1 weights in each format (the diffusers folder converted by diffusers), written once."""
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from helpers import diffusers_pipeline
 
-    from booth.checkpoint import save_checkpoint
+    from booth.checkpoint import read_checkpoint, save_checkpoint
     from booth.config import SD1
     from booth.model import random_weights
 
-    file, folder = workdir / "sd1-random.safetensors", workdir / "sd1-random-diffusers"
-    if file.exists() and (folder / "model_index.json").exists():
-        return file, folder
-    workdir.mkdir(parents=True, exist_ok=True)
-    model = random_weights(SD1, seed=0)
-    save_checkpoint(model.state_dict(), file, dtype=torch.float16)
-    pipe = diffusers_pipeline(model, workdir / "tokenizer")
-    pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)
-    return file, folder
+    files = {"safetensors": workdir / "sd1-random.safetensors", "diffusers": workdir / "sd1-random-diffusers",
+             "safetensors-fp32": workdir / "sd1-random-fp32.safetensors", "ckpt": workdir / "sd1-random.ckpt"}  # fmt: skip
+    files["low-memory"] = files["safetensors"]
+    if not files["safetensors"].exists() or not (files["diffusers"] / "model_index.json").exists():
+        workdir.mkdir(parents=True, exist_ok=True)
+        model = random_weights(SD1, seed=0)
+        save_checkpoint(model.state_dict(), files["safetensors"], dtype=torch.float16)
+        pipe = diffusers_pipeline(model, workdir / "tokenizer")
+        pipe.to(torch.float16).save_pretrained(files["diffusers"], safe_serialization=True)
+        del model, pipe
+    if not files["safetensors-fp32"].exists() or not files["ckpt"].exists():
+        sd16 = read_checkpoint(files["safetensors"]).state_dict
+        torch.save({"state_dict": sd16}, files["ckpt"])
+        save_checkpoint(sd16, files["safetensors-fp32"], dtype=torch.float32)
+    return files
 
 
 def worker(args) -> dict:
@@ -69,9 +83,10 @@ def worker(args) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     stamps = run()
+    total_s = time.perf_counter() - t0
     per_step = [b - a for a, b in zip(stamps[1:], stamps[2:])]  # stamps[0] is the start, step 1 is warm-up
     result = {"load_s": load_s, "load_peak_rss_mb": load_rss, "s_per_step": sum(per_step) / len(per_step),
-              "peak_rss_mb": peak_rss_mb()}  # fmt: skip
+              "total_s": total_s, "peak_rss_mb": peak_rss_mb()}  # fmt: skip
     if device.type == "cuda":
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return result
@@ -91,7 +106,7 @@ def _clock(device):
 def _booth(args, device, dtype):
     from booth.pipeline import Settings, StableDiffusion
 
-    sd = StableDiffusion.from_pretrained(args.model, device=device, dtype=dtype)
+    sd = StableDiffusion.from_pretrained(args.model, device=device, dtype=dtype, low_memory=args.low_memory)
     settings = Settings(
         steps=args.steps, sampler="ddim", schedule="uniform", height=args.size, width=args.size
     )
@@ -132,10 +147,10 @@ def _diffusers(args, device, dtype):
     return run
 
 
-def spawn(which: str, model: Path, args) -> dict:
+def spawn(which: str, model: Path, args, low_memory: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", which, "--model", str(model), "--device", args.device,
            "--dtype", args.dtype, "--size", str(args.size), "--steps", str(args.steps), "--batch", str(args.batch)]  # fmt: skip
-    return run_worker(cmd, which)
+    return run_worker(cmd + ["--low-memory"] * low_memory, which)
 
 
 def main() -> None:
@@ -147,24 +162,30 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=1, help="alternate booth/diffusers runs this many times")
     p.add_argument("--workdir", type=Path, default=Path(__file__).parent / ".cache")
+    p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS),
+                   help="what booth loads (default: all; low-memory is the fp16 file with --low-memory)")  # fmt: skip
     p.add_argument("--worker", choices=["booth", "diffusers"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--low-memory", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    file, folder = prepare(args.workdir)
-    runs = {"booth": [], "diffusers": []}
-    for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
-        runs["booth"].append(spawn("booth", file, args))
-        runs["diffusers"].append(spawn("diffusers", folder, args))
+    files = prepare(args.workdir)
+    runs = {k: [] for k in ["(diffusers)", *args.formats]}
+    for _ in range(args.repeats):  # interleaved, so drift in machine load hits all alike
+        runs["(diffusers)"].append(spawn("diffusers", files["diffusers"], args))
+        for fmt in args.formats:
+            runs[fmt].append(spawn("booth", files[fmt], args, low_memory=fmt == "low-memory"))
     best = {k: {m: min(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
     print(f"SD1 random weights, {args.device} {args.dtype}, {args.size}x{args.size}, batch {args.batch}, "
-          f"{args.steps} DDIM steps with CFG (best of {args.repeats})")  # fmt: skip
-    print(f"{'metric':<20}{'booth':>12}{'diffusers':>12}{'booth/diffusers':>18}")
-    for metric in best["booth"]:
-        b, d = best["booth"][metric], best["diffusers"][metric]
-        print(f"{metric:<20}{b:>12.3f}{d:>12.3f}{b / d:>18.3f}")
+          f"{args.steps} DDIM steps with CFG (best of {args.repeats}); diffusers loads its fp16 folder")  # fmt: skip
+    d = best["(diffusers)"]
+    print(f"{'booth from':<18}" + "".join(f"{m:>18}" for m in d))
+    print(f"{'(diffusers)':<18}" + "".join(f"{v:>18.3f}" for v in d.values()))
+    for fmt in args.formats:
+        b = best[fmt]
+        print(f"{fmt:<18}" + "".join(f"{b[m]:>10.3f} ({b[m] / d[m]:.2f}x)" for m in d))
 
 
 if __name__ == "__main__":

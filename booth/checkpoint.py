@@ -10,12 +10,18 @@ Everything comes out as a state dict in the `LatentDiffusion` layout plus the `M
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
+import math
+import mmap
 import os
 import pickle
 import re
 import warnings
+import zipfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +38,7 @@ from .formats import (
     pickle_contents,
     safetensors_header,
 )
-from .model import build
+from .model import build, part_modules, part_of
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 CONFIG_KEY = "booth.config"  # safetensors metadata entry holding a booth-written file's ModelConfig
@@ -74,18 +80,168 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     Each tensor is read into its own buffer rather than memory-mapped: a mapped file stays resident until its
     last tensor is freed, so converting an fp16 file to fp32 would briefly hold both copies."""
     header, start = safetensors_header(path)
-    tensors = {}
     with open(path, "rb") as f:
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = info["data_offsets"]
-            buf = torch.empty(end - begin, dtype=torch.uint8)
-            f.seek(start + begin)
-            if f.readinto(buf.numpy()) != end - begin:
-                raise BoothError(f"{path} is truncated (while reading {name})")
-            tensors[name] = buf.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+        tensors = {k: _read_tensor(f, path, k, v, start) for k, v in header.items() if k != "__metadata__"}
     return tensors, header.get("__metadata__") or {}
+
+
+def _read_tensor(f, path: Path, name: str, info: dict, start: int) -> torch.Tensor:
+    begin, end = info["data_offsets"]
+    buf = torch.empty(end - begin, dtype=torch.uint8)
+    f.seek(start + begin)
+    if f.readinto(buf.numpy()) != end - begin:
+        raise BoothError(f"{path} is truncated (while reading {name})")
+    return buf.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+# ----------------------------------------------------------------------------- reading weights only when needed
+
+
+class Stub:
+    """A tensor of a model file that has not been read yet: its dtype and shape, and where to read it from. The
+    layout code (`to_layout`, `read_diffusers`, `infer_config`, the checks of `load_model`) treats it as the
+    tensor it stands for, so a model's networks can be checked up front and read one at a time later."""
+
+    __slots__ = ("file", "key", "dtype", "shape")
+
+    def __init__(self, file: _File, key: str, dtype: torch.dtype, shape):
+        self.file, self.key, self.dtype, self.shape = file, key, dtype, torch.Size(shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def reshape(self, shape) -> Stub:
+        if math.prod(shape) != self.numel():
+            raise ValueError(f"cannot reshape {tuple(self.shape)} to {tuple(shape)}")
+        return Stub(self.file, self.key, self.dtype, shape)
+
+    def __getitem__(self, index) -> Stub:  # only reshaping views such as [:, :, None, None]
+        return self.reshape(torch.empty(self.shape, device="meta")[index].shape)
+
+
+class _File:
+    """One weights file that Stubs read from; `opened()` yields `read(key, device, dtype)`, which returns a tensor
+    of its own (never a view of a mapped file) converted to the device and, for floats, the dtype."""
+
+    def __init__(self, path: Path):
+        self.path, self._stamp = path, _stamp(path)
+
+    def opened(self):
+        raise NotImplementedError
+
+    def check(self) -> None:
+        try:
+            same = _stamp(self.path) == self._stamp
+        except OSError:
+            same = False
+        if not same:
+            raise BoothError(f"{self.path} changed or went away while booth was using it; run booth again")
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+class _SafetensorsFile(_File):
+    @contextmanager
+    def opened(self):
+        self.check()
+        header, start = safetensors_header(self.path)
+        with open(self.path, "rb") as f:
+            yield lambda key, device, dtype: _convert(_read_tensor(f, self.path, key, header[key], start), device,
+                                                      dtype)  # fmt: skip
+
+
+class _PickleFile(_File):
+    @contextmanager
+    def opened(self):
+        self.check()
+        tensors = read_pickle(self.path)  # memory-mapped: only what is read is paged in
+        mapped = zipfile.is_zipfile(self.path)  # a legacy pickle is read into memory instead
+
+        def read(key, device, dtype):
+            t = tensors[key]
+            out = _convert(t, device, dtype, copy=True)
+            if mapped:
+                _release_pages(t)
+            return out
+
+        yield read
+        tensors.clear()  # the file's mapping goes with its last tensor
+
+
+def _convert(t: torch.Tensor, device, dtype, copy: bool = False) -> torch.Tensor:
+    return t.to(
+        device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype, copy=copy
+    )
+
+
+_MADV_DONTNEED = 4
+
+
+def _release_pages(t: torch.Tensor) -> None:
+    """Take the pages of a memory-mapped tensor that has been copied out of this process's RSS: they would stay
+    resident, counted twice with the copy, until torch unmaps the file with its last tensor. The pages are
+    unchanged copies of the file (a private mapping), so the kernel reads them again if they are touched. Never
+    for memory that is not a file's: there MADV_DONTNEED zeroes the pages."""
+    if not _LIBC or not t.numel():
+        return
+    page = mmap.PAGESIZE
+    begin, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    first, last = -(-begin // page) * page, end // page * page  # whole pages only: a neighbour may share one
+    if last > first:
+        _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL(None)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc if os.uname().sysname == "Linux" else None
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc()
+
+
+def read_stubs(
+    stubs: Mapping[str, Stub | torch.Tensor], device=None, dtype=None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) for each entry, read from its file one at a time (each file opened once), floats converted to
+    `dtype` on `device` as they are read; entries that are tensors already are only converted."""
+    files: dict[_File | None, list[str]] = {}
+    for k, v in stubs.items():
+        files.setdefault(v.file if isinstance(v, Stub) else None, []).append(k)
+    for file, keys in files.items():
+        if file is None:
+            yield from ((k, _convert(stubs[k], device, dtype)) for k in keys)
+            continue
+        with file.opened() as read:
+            for k in keys:
+                stub = stubs[k]
+                yield k, read(stub.key, device, dtype).reshape(stub.shape)
+
+
+def _safetensors_stubs(path: Path) -> tuple[dict[str, Stub], dict[str, str]]:
+    header, _ = safetensors_header(path)
+    file = _SafetensorsFile(path)
+    stubs = {k: Stub(file, k, _SAFETENSORS_DTYPES[v["dtype"]], v["shape"]) for k, v in header.items()
+             if k != "__metadata__"}  # fmt: skip
+    return stubs, header.get("__metadata__") or {}
+
+
+def _pickle_stubs(path: Path) -> dict[str, Stub]:
+    file = _PickleFile(path)
+    return {k: Stub(file, k, v.dtype, v.shape) for k, v in read_pickle(path).items()}
 
 
 def read_pickle(path: Path) -> dict[str, torch.Tensor]:
@@ -350,10 +506,10 @@ def _rename(rest: str, renames: dict[str, str]) -> str:
     return rest
 
 
-def read_diffusers(folder: Path) -> Checkpoint:
-    """A diffusers-format folder as a Checkpoint in the CompVis layout."""
+def read_diffusers(folder: Path, lazy: bool = False) -> Checkpoint:
+    """A diffusers-format folder as a Checkpoint in the CompVis layout (of Stubs, with `lazy`)."""
     cfg = diffusers_config(folder)
-    parts = {name: _read_component(folder / name) for name in ("unet", "vae", "text_encoder")}
+    parts = {name: _read_component(folder / name, lazy) for name in ("unet", "vae", "text_encoder")}
     for old, new in _OLD_VAE_ATTN.items():
         parts["vae"] = {
             k.replace(f".attentions.0.{old}", f".attentions.0.{new}"): v for k, v in parts["vae"].items()
@@ -373,13 +529,13 @@ def read_diffusers(folder: Path) -> Checkpoint:
     return Checkpoint(folder, cfg, sd, {})
 
 
-def _read_component(folder: Path) -> dict[str, torch.Tensor]:
+def _read_component(folder: Path, lazy: bool = False) -> dict[str, torch.Tensor | Stub]:
     """The first weights file of a diffusers component folder in booth.formats.WEIGHTS_PREFERENCE, the order the
     Hub download fetches by."""
     for name in WEIGHTS_PREFERENCE:
         f = folder / name
         if f.is_file():
-            return read_safetensors(f)[0] if f.suffix == ".safetensors" else read_pickle(f)
+            return _read_file(f, lazy)[0]
     raise BoothError(
         f"no weights found in {folder} (expected one of {', '.join(WEIGHTS_PREFERENCE[:2])}, ...)"
     )
@@ -480,8 +636,9 @@ def _strs(values) -> list[str]:
 # ----------------------------------------------------------------------------- entry points
 
 
-def read_checkpoint(path: str | os.PathLike, ema: bool = False) -> Checkpoint:
-    """Any supported local file or folder -> Checkpoint (weights in the file's dtype, CompVis layout)."""
+def read_checkpoint(path: str | os.PathLike, ema: bool = False, lazy: bool = False) -> Checkpoint:
+    """Any supported local file or folder -> Checkpoint (weights in the file's dtype, CompVis layout). With `lazy`,
+    the weights are Stubs: every name and shape is checked, and no weight is read until `read_stubs`."""
     path = Path(path)
     if path.is_dir():
         if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
@@ -490,8 +647,8 @@ def read_checkpoint(path: str | os.PathLike, ema: bool = False) -> Checkpoint:
             raise BoothError(
                 "--ema applies to single-file checkpoints; diffusers folders hold one set of weights"
             )
-        return read_diffusers(path)
-    raw, meta = _read_file(path)
+        return read_diffusers(path, lazy)
+    raw, meta = _read_file(path, lazy)
     if looks_like_lora(raw):
         raise not_a_model(path, "lora")
     sd = to_layout(raw, ema=ema, source=str(path))
@@ -536,14 +693,14 @@ def stored_itemsize(path: str | os.PathLike) -> int:
     return max(set(sizes), key=sizes.count) if sizes else 4
 
 
-def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_file(path: Path, lazy: bool = False) -> tuple[dict[str, torch.Tensor | Stub], dict[str, str]]:
     if not path.exists():
         raise BoothError(f"checkpoint not found: {path}")
     try:
         if path.suffix == ".safetensors":
-            return read_safetensors(path)
+            return _safetensors_stubs(path) if lazy else read_safetensors(path)
         if path.suffix in PICKLE_SUFFIXES:
-            return read_pickle(path), {}
+            return _pickle_stubs(path) if lazy else read_pickle(path), {}
     except PermissionError:
         raise BoothError(f"cannot read {path}: permission denied") from None
     raise BoothError(
@@ -568,30 +725,43 @@ def load_model(
 ):
     """Checkpoint -> LatentDiffusion in eval mode on `device`. The modules are built on the meta device and take
     the checkpoint's tensors (assign=True): no random init. `ckpt.state_dict` is consumed: each tensor is moved
-    to the device and dtype and its file copy released at once, so a model is never held twice in memory.
-    With `into` (a model of the same config), the weights are copied into its existing tensors instead."""
+    to the device and dtype and its file copy released at once (a Stub is read then), so a model is never held
+    twice in memory. With `into` (a model of the same config), the weights are copied into its tensors instead."""
     model = into if into is not None else build(ckpt.config)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in ckpt.state_dict]
-    unexpected = [k for k in ckpt.state_dict if k not in expected]
-    wrong = [k for k, v in expected.items() if k in ckpt.state_dict and ckpt.state_dict[k].shape != v.shape]
+    check_weights(ckpt, model.state_dict())
+    sd = ckpt.state_dict
+    if into is not None:
+        into.load_state_dict(dict(read_stubs(sd)), strict=True)
+        return into
+    for k, t in read_stubs(sd, device, dtype):
+        sd[k] = t
+        del t
+    model.load_state_dict(sd, strict=True, assign=True)
+    sd.clear()
+    return model.eval().requires_grad_(False)
+
+
+def check_weights(ckpt: Checkpoint, expected: Mapping[str, torch.Tensor]) -> None:
+    """BoothError unless `ckpt` has exactly the weights `expected` (a model's state dict) names, in its shapes."""
+    sd = ckpt.state_dict
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [k for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
     if missing or unexpected or wrong:
         what = [f"{len(x)} {label} (e.g. {x[0]})" for x, label in
                 ((missing, "missing"), (unexpected, "unexpected"), (wrong, "wrongly shaped")) if x]  # fmt: skip
         raise BoothError(
             f"{ckpt.path} is not a Stable Diffusion 1.x checkpoint booth can load: {'; '.join(what)} weights"
         )
-    if into is not None:
-        into.load_state_dict(ckpt.state_dict, strict=True)
-        return into
-    sd = ckpt.state_dict
-    for k in list(sd):
-        t = sd.pop(k)
-        sd[k] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
-        del t
-    model.load_state_dict(sd, strict=True, assign=True)
-    sd.clear()
-    return model.eval().requires_grad_(False)
+
+
+def load_part(model, stubs: Mapping[str, Stub | torch.Tensor], part: str, device, dtype) -> None:
+    """Read one of booth.model.PARTS from `stubs` (a checked Checkpoint's weights) into `model`, where that part
+    is on the meta device; the others are left as they are."""
+    weights = dict(read_stubs({k: v for k, v in stubs.items() if part_of(k) == part}, device, dtype))
+    model.load_state_dict(weights, strict=False, assign=True)
+    for m in part_modules(model, part):
+        m.eval().requires_grad_(False)
 
 
 def save_checkpoint(sd: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None,

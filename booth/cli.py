@@ -262,6 +262,9 @@ def _render_flags(p: argparse.ArgumentParser, hw_help: str) -> None:
     p.add_argument(
         "-d", "--device", default=None, help="0, cuda:1, cpu or mps (default: first GPU, else cpu)"
     )
+    p.add_argument("--low-memory", action="store_true",
+                   help="keep only the network at work on the device (like AUTOMATIC1111's --medvram): slower, "
+                        "the least memory; on by itself when the forecast says the whole model would not fit")  # fmt: skip
 
 
 def _dreambooth_parser(sub) -> None:
@@ -365,7 +368,7 @@ def _generate(args) -> int:
 
     written = 0
     try:
-        for path in render(job, models, start_run, device, dtype, loras, image):
+        for path in render(job, models, start_run, device, dtype, loras, image, args.low_memory):
             written += 1
             print(path, flush=True)
     except BaseException:

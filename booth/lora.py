@@ -439,14 +439,16 @@ def _io(down: torch.Tensor, up: torch.Tensor) -> str:
 
 @torch.no_grad()
 def merge(weights: dict[str, torch.Tensor], loras: Sequence[tuple[LoRA, float]], config: ModelConfig,
-          keep: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
+          keep: bool = True, only: set[str] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """Add every (LoRA, weight) into `weights` (a state dict whose tensors are changed in place), summed in fp32
-    and rounded once per layer. Every LoRA is checked before anything changes. Returns CPU copies of the tensors
-    it replaced (with `keep`), for `restore`."""
+    and rounded once per layer; with `only`, into those keys alone (the networks in memory). Every LoRA is checked
+    before anything changes. Returns CPU copies of the tensors it replaced (with `keep`), for `restore`."""
     shapes = {k: v.shape for k, v in weights.items()}
     placed = [(updates(lora, config, shapes), weight) for lora, weight in loras]
     originals = {}
     for key in dict.fromkeys(k for layer_updates, _ in placed for k in layer_updates):
+        if only is not None and key not in only:
+            continue
         w = weights[key]
         delta = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         for layer_updates, weight in placed:

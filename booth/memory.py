@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_leaves
 from . import unet as U
 from . import vae as V
 from .config import ModelConfig
-from .model import LatentDiffusion, build
+from .model import PARTS, LatentDiffusion, build, part_of
 
 # What a sampling run needs beyond the tensors the rules count: the first call's oneDNN and OpenMP buffers,
 # the text encoder, the sampler's latents, the PIL images. Measured 14-40 MB over the rules at the smallest
@@ -64,6 +64,14 @@ def parameter_count(config: ModelConfig) -> int:
 def weights_bytes(config: ModelConfig, itemsize: int) -> int:
     """Bytes of the model's weights stored in a dtype of `itemsize` bytes."""
     return parameter_count(config) * itemsize
+
+
+def part_bytes(config: ModelConfig, itemsize: int) -> dict[str, int]:
+    """Bytes of the weights of each of booth.model.PARTS, stored in a dtype of `itemsize` bytes."""
+    out = dict.fromkeys(PARTS, 0)
+    for k, v in _meta_model(config).state_dict().items():
+        out[part_of(k)] += v.numel() * itemsize
+    return out
 
 
 def sampling_bytes(

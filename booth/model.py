@@ -39,6 +39,27 @@ class LatentDiffusion(nn.Module):
         return self.cond_stage_model.transformer
 
 
+# The networks a pipeline loads and frees on their own, by the state-dict prefixes of their weights: the VAE's
+# two halves are separate because txt2img never needs the encoder.
+PARTS = {
+    "text_encoder": ("cond_stage_model.",),
+    "unet": ("model.diffusion_model.",),
+    "vae_encoder": ("first_stage_model.encoder.", "first_stage_model.quant_conv."),
+    "vae_decoder": ("first_stage_model.decoder.", "first_stage_model.post_quant_conv."),
+}
+
+
+def part_of(key: str) -> str | None:
+    """Which of PARTS a weight (by its LatentDiffusion name) belongs to."""
+    return next((part for part, prefixes in PARTS.items() if key.startswith(prefixes)), None)
+
+
+def part_modules(model: LatentDiffusion, part: str) -> list[nn.Module]:
+    vae = model.vae
+    return {"text_encoder": [model.text_encoder], "unet": [model.unet], "vae_encoder": [vae.encoder, vae.quant_conv],
+            "vae_decoder": [vae.decoder, vae.post_quant_conv]}[part]  # fmt: skip
+
+
 def build(
     cfg: ModelConfig, device: str | torch.device = "meta", dtype: torch.dtype | None = None
 ) -> LatentDiffusion:

@@ -16,13 +16,13 @@ import torch
 from PIL import Image
 
 from . import sampling
-from .checkpoint import Checkpoint, file_hash, load_model, read_checkpoint
+from .checkpoint import Checkpoint, Stub, check_weights, file_hash, load_model, load_part, read_checkpoint
 from .config import ModelConfig
 from .errors import BoothError
 from .hub import find_model
 from .images import load_image, to_pil, to_tensor
 from .lora import LoRA, merge, restore
-from .model import LatentDiffusion
+from .model import PARTS, LatentDiffusion, build, part_modules, part_of
 from .options import Settings, check_seeds, check_strength, check_text
 from .tokenizer import get_tokenizer
 
@@ -30,54 +30,118 @@ __all__ = ["Settings", "StableDiffusion", "resolve_settings", "steps_to_run"]
 
 
 class StableDiffusion:
-    """A Stable Diffusion v1 model ready to sample: `txt2img`, `img2img`, `encode_prompt`, `decode`."""
+    """A Stable Diffusion v1 model ready to sample: `txt2img`, `img2img`, `encode_prompt`, `decode`.
+
+    Made from a file (`from_pretrained`, or `from_checkpoint` of a lazy Checkpoint), it reads each network when
+    it is first needed: the text encoder for the first prompt, the UNet for the first step, the VAE's decoder for
+    the first image and its encoder only for img2img. The encoders are let go once their work is done (freed on
+    the CPU, where they are read again for a new prompt or image; moved to host memory on a GPU), and the
+    prompt's embeddings and the input image's latents are kept for the next batch. With `low_memory`, only the
+    network at work stays on the device, as AUTOMATIC1111's --medvram does. A pipeline over a model in memory
+    (`StableDiffusion(model)`, as training's previews are) leaves every network where it is."""
 
     def __init__(self, model: LatentDiffusion, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 name: str = "model", model_hash: str | None = None):  # fmt: skip
+                 name: str = "model", model_hash: str | None = None, low_memory: bool = False):  # fmt: skip
         if model.config.unet.in_channels != 4:
             raise BoothError(
                 f"{name} has a {model.config.unet.in_channels}-channel UNet (inpainting?); txt2img needs 4"
             )
         self.model, self.device, self.dtype = model, torch.device(device), dtype
         self.config = model.config
-        self.name, self.model_hash = name, model_hash
+        self.name, self.model_hash, self.low_memory = name, model_hash, low_memory
         self.loras: list[tuple[str, str]] = []  # (name, hash) of the LoRAs in the weights, for PNG metadata
+        self._loras: list[tuple[LoRA, float]] = []  # merged into each network as it is read
         self._originals: dict[str, torch.Tensor] = {}  # the base tensors those LoRAs replaced
+        self._stubs: dict[str, Stub | torch.Tensor] | None = None  # where the networks are read (again) from
+        self._cache: dict[str, tuple] = {}  # the last prompt's embeddings, the last input image's posterior
         self.tokenizer = get_tokenizer()
         c = self.config
         self.schedule = sampling.DiscreteSchedule(c.beta_start, c.beta_end, c.num_train_timesteps)
 
     @classmethod
-    def from_checkpoint(
-        cls, ckpt: Checkpoint, device="cpu", dtype=torch.float32, model_hash=None
-    ) -> StableDiffusion:
-        return cls(load_model(ckpt, device, dtype), device, dtype, ckpt.name, model_hash)
+    def from_checkpoint(cls, ckpt: Checkpoint, device="cpu", dtype=torch.float32, model_hash=None,
+                        low_memory: bool = False) -> StableDiffusion:  # fmt: skip
+        """A lazy Checkpoint (`read_checkpoint(..., lazy=True)`) is read a network at a time, when needed."""
+        if not any(isinstance(v, Stub) for v in ckpt.state_dict.values()):
+            return cls(load_model(ckpt, device, dtype), device, dtype, ckpt.name, model_hash, low_memory)
+        model = build(ckpt.config)
+        check_weights(ckpt, model.state_dict())
+        sd = cls(model.eval().requires_grad_(False), device, dtype, ckpt.name, model_hash, low_memory)
+        sd._stubs = ckpt.state_dict
+        return sd
 
     @classmethod
-    def from_pretrained(
-        cls, spec: str = "sd15", device="cpu", dtype=torch.float32, ema: bool = False
-    ) -> StableDiffusion:
+    def from_pretrained(cls, spec: str = "sd15", device="cpu", dtype=torch.float32, ema: bool = False,
+                        low_memory: bool = False) -> StableDiffusion:  # fmt: skip
         """Load from a file, a diffusers folder, a Hugging Face repo id or an alias (`sd15`, `sd14`)."""
         found = find_model(spec)
-        ckpt = read_checkpoint(found.path, ema=ema)
-        return cls.from_checkpoint(
-            ckpt, device, dtype, file_hash(found.path) if found.path.is_file() else None
-        )
+        ckpt = read_checkpoint(found.path, ema=ema, lazy=True)
+        model_hash = file_hash(found.path) if found.path.is_file() else None
+        return cls.from_checkpoint(ckpt, device, dtype, model_hash, low_memory)
 
     def load_weights(self, ckpt: Checkpoint, model_hash: str | None = None) -> None:
-        """Copy another checkpoint of the same config into this model's tensors (no LoRAs then)."""
-        load_model(ckpt, into=self.model)
+        """Take another checkpoint of the same config (no LoRAs then): copied into this model's tensors, or, for a
+        pipeline made from a file, read a network at a time as they are needed."""
+        check_weights(ckpt, self.model.state_dict())
+        if self._stubs is None:
+            load_model(ckpt, into=self.model)
+        else:
+            for part in PARTS:
+                self._free(part)
+            self._stubs = ckpt.state_dict
         self.name, self.model_hash = ckpt.name, model_hash
-        self.loras, self._originals = [], {}
+        self.loras, self._loras, self._originals, self._cache = [], [], {}, {}
 
     def set_loras(self, loras: Sequence[tuple[LoRA, float]]) -> None:
         """Merge these (LoRA, weight) pairs into the base weights, after putting back exactly the tensors an earlier
-        call replaced. Sampling then costs what the base model costs."""
+        call replaced. Sampling then costs what the base model costs. A network not read yet gets them when it is."""
         weights = self.model.state_dict()
         restore(weights, self._originals)
-        self.loras, self._originals = [], {}
-        self._originals = merge(weights, loras, self.config)  # checks every LoRA before it changes anything
+        self.loras, self._loras, self._originals, self._cache = [], [], {}, {}
+        # merge checks every LoRA before it changes anything
+        self._originals = merge(
+            weights, loras, self.config, only={k for k, v in weights.items() if not v.is_meta}
+        )
+        self._loras = list(loras)
         self.loras = [(lora.name, lora.short_hash) for lora, _ in loras]
+
+    # ------------------------------------------------------------------ which networks are where
+
+    def _use(self, part: str) -> None:
+        """Make one of booth.model.PARTS ready on the device: read it if it is not in memory, bring it back if it
+        was moved off. With low_memory, every other network leaves the device first."""
+        if self._stubs is None:
+            return
+        if self.low_memory:
+            for other in PARTS:
+                if other != part:
+                    self._release(other)
+        where = _place(self.model, part)
+        if where.type == "meta":
+            load_part(self.model, self._stubs, part, self.device, self.dtype)
+            if self._loras:
+                weights = self.model.state_dict()
+                keys = {k for k in weights if part_of(k) == part}
+                self._originals.update(merge(weights, self._loras, self.config, only=keys))
+        elif where != self.device:
+            for m in part_modules(self.model, part):
+                m.to(self.device)
+
+    def _release(self, part: str) -> None:
+        """Take a network off the device: into host memory from a GPU, out of memory altogether on the CPU (it is
+        read from its file again when needed)."""
+        if self._stubs is None or _place(self.model, part).type == "meta":
+            return
+        if self.device.type == "cpu":
+            self._free(part)
+        else:
+            for m in part_modules(self.model, part):
+                m.to("cpu")
+
+    def _free(self, part: str) -> None:
+        for m in part_modules(self.model, part):
+            m.to_empty(device="meta")
+        self._originals = {k: v for k, v in self._originals.items() if part_of(k) != part}
 
     # ------------------------------------------------------------------ building blocks
 
@@ -92,13 +156,22 @@ class StableDiffusion:
         for text in prompts + negatives:
             check_text("the prompt", text)
         check_clip_skip(self.config, clip_skip, self.name)
+        key = (prompts, negatives, clip_skip)
+        if self._cache.get("prompt", (None,))[0] == key:
+            return self._cache["prompt"][1]
         ids = self.tokenizer(prompts + negatives).to(self.device)  # one batch, so all share K
+        self._use("text_encoder")
         emb = self.model.text_encoder.encode_chunks(ids, clip_skip)
-        return emb[: len(prompts)], emb[len(prompts) :]
+        self._release("text_encoder")
+        out = emb[: len(prompts)], emb[len(prompts) :]
+        if self._stubs is not None:  # a model in memory may be training: its embeddings are not kept
+            self._cache["prompt"] = (key, out)
+        return out
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """Diffusion latents (B, 4, h, w) -> PIL images."""
+        self._use("vae_decoder")
         images = self.model.vae.decode(latents.to(self.device, self.dtype) / self.config.scale_factor)
         if not bool(torch.isfinite(images).all()):
             raise BoothError(f"{self.name}'s VAE made NaN or infinite pixels: {self._broken()}")
@@ -107,10 +180,22 @@ class StableDiffusion:
     @torch.no_grad()
     def encode_image(self, image: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
         """(1, 3, H, W) in [-1, 1] -> one posterior sample per generator, scaled: (len(generators), 4, H/8, W/8)."""
-        mean, logvar = self.model.vae.encode(image.to(self.device, self.dtype))
+        mean, logvar = self._posterior(image)
         std = torch.exp(0.5 * logvar.float())
         z = mean.float() + std * sampling.randn((len(generators), *mean.shape[1:]), generators, self.device)
         return z * self.config.scale_factor
+
+    def _posterior(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE encoder's mean and log-variance for `image`, kept for the next batch of the same image."""
+        cached = self._cache.get("image")
+        if cached is not None and cached[0].shape == image.shape and torch.equal(cached[0], image):
+            return cached[1]
+        self._use("vae_encoder")
+        out = self.model.vae.encode(image.to(self.device, self.dtype))
+        self._release("vae_encoder")
+        if self._stubs is not None:
+            self._cache["image"] = (image.detach().clone(), out)
+        return out
 
     def resolve(self, settings: Settings, image_size: tuple[int, int] | None = None) -> Settings:
         return resolve_settings(self.config, settings, image_size, self.name)
@@ -137,6 +222,7 @@ class StableDiffusion:
             x = self._initial_noise(generators, s) * math.sqrt(1 + sigmas[0].item() ** 2)
         else:
             sigmas, x = self._img2img_start(image, generators, sigmas, strength)
+        self._use("unet")
         eps = sampling.EpsDenoiser(self.model.unet, self.schedule, dtype=self.dtype)
         denoiser = sampling.CFGDenoiser(eps, cond, uncond, s.scale)
         opts = {} if s.eta is None else {"eta": s.eta}
@@ -245,6 +331,10 @@ def _settings(settings: Settings | None, overrides: dict) -> Settings:
             raise TypeError(f"unknown setting {k!r}")
         setattr(s, k, v)
     return s
+
+
+def _place(model: LatentDiffusion, part: str) -> torch.device:
+    return next(part_modules(model, part)[0].parameters()).device
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -23,7 +23,7 @@ from .formats import Found, not_a_model, safetensors_metadata
 from .hub import DEFAULT_MODEL, find, find_model, parse
 from .images import grid, load_image, parameters_text, save_png
 from .lora import LoRA, read_lora
-from .memory import available_bytes, format_gb, sampling_bytes, weights_bytes
+from .memory import available_bytes, format_gb, part_bytes, sampling_bytes
 from .options import Job, Settings
 from .pipeline import StableDiffusion, resolve_settings, steps_to_run
 
@@ -76,17 +76,19 @@ def _recorded_base(loras: list[Found]) -> Found:
 
 
 def render(job: Job, models: Sequence[Row], run: Path | Callable[[], Path], device: torch.device,
-           dtype: torch.dtype, loras: Sequence[tuple[LoRA, float]] = (),
-           image: Image.Image | None = None) -> Iterator[Path]:  # fmt: skip
+           dtype: torch.dtype, loras: Sequence[tuple[LoRA, float]] = (), image: Image.Image | None = None,
+           low_memory: bool = False) -> Iterator[Path]:  # fmt: skip
     """Render `job` with each model into `run`; yields every image path as soon as it is written. `run` may be a
-    function making the folder: it is called once the first model has loaded, so a bad checkpoint leaves none.
-    `loras` ((LoRA, weight) pairs) are merged into every model; `image` is job.image already read, if it was."""
+    function making the folder: it is called once the first model has been checked, so a bad checkpoint leaves
+    none. `loras` ((LoRA, weight) pairs) are merged into every model; `image` is job.image already read, if it
+    was. With `low_memory` (or when the forecast says the whole model would not fit), only the network at work is
+    kept on the device."""
     job = job if job.seed is not None else replace(job, seed=random.randrange(2**32))
     job.validate()
     if job.image is not None and image is None:
         image = load_image(job.image)
-    settings = _resolve(job, models, image, device, dtype)
-    loaded = _load_each(models, job.ema, device, dtype, loras)
+    settings, low = _resolve(job, models, image, device, dtype, low_memory)
+    loaded = _load_each(models, job.ema, device, dtype, loras, low)
     sd = next(loaded)  # only once the first model has loaded is the run folder made
     run = run() if callable(run) else run
     _write_record(run, job, settings[0], models, device, dtype, loras)
@@ -106,31 +108,41 @@ def render(job: Job, models: Sequence[Row], run: Path | Callable[[], Path], devi
         yield save_png(grid(grid_rows, names), run / "grid.png")
 
 
-def _resolve(job: Job, models: Sequence[Row], image, device, dtype) -> list[Settings]:
+def _resolve(
+    job: Job, models: Sequence[Row], image, device, dtype, low_memory: bool
+) -> tuple[list[Settings], bool]:
     """Each model's complete settings (its own size where none is given), checked against the memory there is
-    before any weights are read: from the file headers alone."""
-    out = []
+    before any weights are read: from the file headers alone. Also whether to keep only the network at work on
+    the device: as asked, or because the whole model would not fit."""
+    out, low = [], low_memory
     for row in models:
         config = read_config(row.model)
         s = resolve_settings(config, job.settings, image.size if image is not None else None, row.path.name)
-        _check_memory(config, s, job.batch_size, device, dtype, encode=image is not None)
+        low = _check_memory(config, s, job.batch_size, device, dtype, image is not None, low)
         out.append(s)
-    return out
+    return out, low
 
 
-def _check_memory(config, s: Settings, batch: int, device, dtype, encode: bool) -> None:
-    """Refuse a size or batch whose forecast (weights and the largest activations) exceeds the free memory."""
-    itemsize = dtype.itemsize
-    need = weights_bytes(config, itemsize) + sampling_bytes(
-        config, s.height, s.width, batch, itemsize, guidance=s.scale != 1, encode=encode
-    )
+def _check_memory(config, s: Settings, batch: int, device, dtype, encode: bool, low_memory: bool) -> bool:
+    """Whether only the network at work should stay on the device, from the forecast (the weights on the device,
+    and the largest activations) and the free memory; refuse a size or batch that would not fit even so."""
+    itemsize, parts = dtype.itemsize, part_bytes(config, dtype.itemsize)
+    acts = sampling_bytes(config, s.height, s.width, batch, itemsize, guidance=s.scale != 1, encode=encode)
+    # The encoders run alone (the text encoder is let go before the UNet is read); the decoder beside the UNet.
+    whole = max(parts["text_encoder"], parts["vae_encoder"], parts["unet"] + parts["vae_decoder"]) + acts
+    lean = max(parts.values()) + acts
     free = available_bytes(device)
-    if free is not None and need > free:
+    if free is None or (low_memory and lean <= free) or whole <= free:
+        return low_memory
+    if lean > free:
         raise BoothError(
-            f"{s.width}x{s.height} images in batches of {batch} need about {format_gb(need)} on {device}, and "
+            f"{s.width}x{s.height} images in batches of {batch} need about {format_gb(lean)} on {device}, and "
             f"{format_gb(free)} is free: give a smaller --hw (the model's own size is {config.sample_size}) or "
             "-b/--batch-size"
         )
+    print(f"booth: the model needs about {format_gb(whole)} on {device} and {format_gb(free)} is free: keeping only "
+          f"the network at work there (--low-memory)", file=sys.stderr)  # fmt: skip
+    return True
 
 
 def _names(models: Sequence[Row]) -> list[str]:
@@ -156,21 +168,21 @@ def _write_record(run: Path, job: Job, s: Settings, models: Sequence[Row], devic
     write_text(run / "prompt.txt", job.prompt + "\n")
 
 
-def _load_each(models: Sequence[Row], ema: bool, device, dtype,
-               loras: Sequence[tuple[LoRA, float]]) -> Iterator[StableDiffusion]:  # fmt: skip
-    """Each row's model in turn. Checkpoints of one model (a DreamBooth run's saves) are copied into the modules
-    already on the device; a different model replaces the previous one, which is freed first. A row's own LoRA
-    is merged into its base, which the pipeline puts back exactly before the next one."""
+def _load_each(models: Sequence[Row], ema: bool, device, dtype, loras: Sequence[tuple[LoRA, float]],
+               low_memory: bool) -> Iterator[StableDiffusion]:  # fmt: skip
+    """Each row's model in turn, checked but read a network at a time as sampling needs them. Checkpoints of one
+    model (a DreamBooth run's saves) reuse the pipeline; a different model replaces the previous one, which is
+    freed first. A row's own LoRA is merged into its base, which the pipeline puts back exactly before the next."""
     sd, loaded = None, None
     for row in models:
         if row.model != loaded:
-            ckpt = read_checkpoint(row.model, ema=ema)
+            ckpt = read_checkpoint(row.model, ema=ema, lazy=True)
             model_hash = file_hash(row.model) if row.model.is_file() else None
             if sd is not None and sd.config == ckpt.config:
                 sd.load_weights(ckpt, model_hash)
             else:
                 sd = None  # so that the previous model is freed before the next one is built
-                sd = StableDiffusion.from_checkpoint(ckpt, device, dtype, model_hash)
+                sd = StableDiffusion.from_checkpoint(ckpt, device, dtype, model_hash, low_memory)
             loaded = row.model
         own = [(read_lora(row.lora), 1.0)] if row.lora else []
         sd.set_loras([*own, *loras])
@@ -184,7 +196,7 @@ def _render_one(sd: StableDiffusion, job: Job, s: Settings, image: Image.Image |
     bar = tqdm(total=batches * per_batch, desc=label or "sampling", unit="step", file=sys.stderr,
                dynamic_ncols=True, leave=False)  # fmt: skip
     hint = (f"generating {s.width}x{s.height} images in batches of {job.batch_size}: use a smaller -b/--batch-size "
-            "or --hw, or --precision fp16")  # fmt: skip
+            "or --hw, --precision fp16, or --low-memory")  # fmt: skip
     index = 0
     with bar, out_of_memory(hint):
         for seeds in job.batches():

@@ -58,7 +58,7 @@ def test_stage_two_keeps_the_vae_and_trains_the_text_encoder(whole):
 
 
 def test_latents_are_scaled_to_the_recipe_std(whole):
-    sd = StableDiffusion.from_pretrained(str(final(whole)))
+    sd = StableDiffusion.from_checkpoint(read_checkpoint(final(whole)))  # the whole model in memory
     rng = random.Random(123)
     x = torch.stack([prepare(draw(random_sample(rng), SIZE), (SIZE, SIZE)) for _ in range(64)])
     with torch.no_grad():
