@@ -19,7 +19,6 @@ import os
 import pickle
 import re
 import warnings
-import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -164,14 +163,13 @@ class _PickleFile(_File):
     @contextmanager
     def opened(self):
         self.check()
-        tensors = read_pickle(self.path)  # memory-mapped: only what is read is paged in
-        mapped = zipfile.is_zipfile(self.path)  # a legacy pickle is read into memory instead
+        tensors = read_pickle(self.path)  # memory-mapped: only what is read is paged in (not a legacy pickle)
+        mapped = _mappings(self.path)
 
         def read(key, device, dtype):
             t = tensors[key]
             out = _convert(t, device, dtype, copy=True)
-            if mapped:
-                _release_pages(t)
+            _release_pages(t, mapped)
             return out
 
         yield read
@@ -187,18 +185,36 @@ def _convert(t: torch.Tensor, device, dtype, copy: bool = False) -> torch.Tensor
 _MADV_DONTNEED = 4
 
 
-def _release_pages(t: torch.Tensor) -> None:
+def _release_pages(t: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
     """Take the pages of a memory-mapped tensor that has been copied out of this process's RSS: they would stay
     resident, counted twice with the copy, until torch unmaps the file with its last tensor. The pages are
-    unchanged copies of the file (a private mapping), so the kernel reads them again if they are touched. Never
-    for memory that is not a file's: there MADV_DONTNEED zeroes the pages."""
-    if not _LIBC or not t.numel():
+    unchanged copies of the file (a private mapping), so the kernel reads them again if they are touched. Only
+    inside `mapped`, the file's own mappings: in other memory MADV_DONTNEED would zero the pages."""
+    begin = t.data_ptr()
+    end = begin + t.numel() * t.element_size()
+    if not _LIBC or not any(a <= begin and end <= b for a, b in mapped):
         return
     page = mmap.PAGESIZE
-    begin, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
     first, last = -(-begin // page) * page, end // page * page  # whole pages only: a neighbour may share one
     if last > first:
         _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+def _mappings(path: Path) -> list[tuple[int, int]]:
+    """The address ranges where this process maps `path` (Linux's /proc/self/maps; none elsewhere)."""
+    if not _LIBC:
+        return []
+    real, out = str(path.resolve()), []
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == real:
+            a, b = fields[0].split("-")
+            out.append((int(a, 16), int(b, 16)))
+    return out
 
 
 def _libc():
