@@ -18,17 +18,18 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, causal: bool = True):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.q_proj = nn.Linear(width, width)
         self.k_proj = nn.Linear(width, width)
         self.v_proj = nn.Linear(width, width)
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Causal: CLIP was trained autoregressively-masked, and SD relies on it (no padding mask is used).
-        h = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=True)
+        # Causal for text: CLIP was trained autoregressively-masked, and SD relies on it (no padding mask is
+        # used). The image tower attends everywhere.
+        h = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=self.causal)
         return self.out_proj(h)
 
 
@@ -44,10 +45,10 @@ class MLP(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, cfg: CLIPConfig):
+    def __init__(self, cfg: CLIPConfig, causal: bool = True):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.width)
-        self.self_attn = SelfAttention(cfg.width, cfg.heads)
+        self.self_attn = SelfAttention(cfg.width, cfg.heads, causal)
         self.layer_norm2 = nn.LayerNorm(cfg.width)
         self.mlp = MLP(cfg.width, cfg.intermediate, cfg.act)
 
@@ -57,9 +58,14 @@ class EncoderLayer(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: CLIPConfig):
+    def __init__(self, cfg: CLIPConfig, causal: bool = True):
         super().__init__()
-        self.layers = nn.ModuleList([EncoderLayer(cfg) for _ in range(cfg.layers)])
+        self.layers = nn.ModuleList([EncoderLayer(cfg, causal) for _ in range(cfg.layers)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
 
 
 class Embeddings(nn.Module):
