@@ -38,6 +38,8 @@ WEIGHTS_PREFERENCE = (
     "diffusion_pytorch_model.fp16.bin",
     "pytorch_model.fp16.bin",
 )
+# A transformers model folder (the metrics' CLIP and DINO): its config, then one weights file, best first.
+TOWER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 LORA_FOLDER_FILE = (
     "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes into a folder
 )

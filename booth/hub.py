@@ -23,6 +23,7 @@ from .formats import (
     COMPONENTS,
     DEMO_FILE,
     OPTIONAL_FOLDERS,
+    TOWER_WEIGHTS,
     WEIGHTS_PREFERENCE,
     Found,
     identify,
@@ -92,6 +93,18 @@ def download(spec: str = DEFAULT_MODEL, filename: str | None = None) -> pathlib.
     _check_repo_path(filename)
     command = f"{shlex.quote(spec)} {shlex.quote(filename)}"
     return _fetch(HubTarget(repo, filename), spec, command, None)
+
+
+def find_tower(spec: str, flag: str) -> pathlib.Path:
+    """A transformers model folder (the metrics' CLIP or DINO): a local folder, or a Hub repo OWNER/NAME whose
+    config.json and weights are fetched into the cache (offline: the cached copy)."""
+    local = pathlib.Path(spec).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists() or not _REPO_RE.fullmatch(spec):
+        raise BoothError(f"{flag} {spec}: give a model folder (config.json and {TOWER_WEIGHTS[0]}) or a Hugging "
+                         "Face repo OWNER/NAME")  # fmt: skip
+    return _fetch(HubTarget(spec), spec, spec, flag, tower=True)
 
 
 def _check_repo_path(path: str) -> None:
@@ -182,17 +195,18 @@ def _hub_hosts() -> set[str]:
     return _HUB_HOSTS | ({endpoint} if endpoint else set())
 
 
-def _fetch(target: HubTarget, spec: str, command: str, flag: str | None) -> pathlib.Path:
-    with _hub_errors(target, spec, command, flag):
+def _fetch(target: HubTarget, spec: str, command: str, flag: str | None, tower: bool = False) -> pathlib.Path:
+    with _hub_errors(target, spec, command, flag, "model folder" if tower else "checkpoint file"):
         if target.filename is None:
-            return _fetch_diffusers(target.repo)
+            return _fetch_repo(target.repo, tower)
         from huggingface_hub import hf_hub_download
 
         return pathlib.Path(hf_hub_download(target.repo, target.filename, revision=target.revision))
 
 
-def _fetch_diffusers(repo: str) -> pathlib.Path:
-    """Download only what booth loads from a diffusers repo; offline, use the cached snapshot."""
+def _fetch_repo(repo: str, tower: bool = False) -> pathlib.Path:
+    """Download only what booth loads from a diffusers repo, or from a transformers one (a metric's tower: its
+    config and one weights file); offline, use the cached snapshot. With `tower`, only the latter will do."""
     from huggingface_hub import HfApi, snapshot_download
 
     try:
@@ -200,23 +214,43 @@ def _fetch_diffusers(repo: str) -> pathlib.Path:
     except Exception as error:
         if not _is_unreachable(error):
             raise
-        return _cached_diffusers(repo)
-    chosen, missing = diffusers_files(s.rfilename for s in info.siblings or [])
-    if missing:
-        raise BoothError(_not_diffusers_message(repo, missing, [s.rfilename for s in info.siblings or []]))
+        return _cached_repo(repo, tower)
+    names = [s.rfilename for s in info.siblings or []]
+    if tower or ("model_index.json" not in names and tower_files(names)):
+        chosen = tower_files(names)
+        if not chosen:
+            raise BoothError(
+                f"{repo} is not a transformers model repo (no config.json and {TOWER_WEIGHTS[0]})"
+            )
+    else:
+        chosen, missing = diffusers_files(names)
+        if missing:
+            raise BoothError(_not_diffusers_message(repo, missing, names))
     return pathlib.Path(snapshot_download(repo, allow_patterns=chosen))
 
 
-def _cached_diffusers(repo: str) -> pathlib.Path:
+def tower_files(names: Iterable[str]) -> list[str]:
+    """The files booth needs from a transformers model repo listing, or [] if it is not one."""
+    names = set(names)
+    weights = [w for w in TOWER_WEIGHTS if w in names]
+    return ["config.json", weights[0]] if "config.json" in names and weights else []
+
+
+def _cached_repo(repo: str, tower: bool) -> pathlib.Path:
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    index = try_to_load_from_cache(repo, "model_index.json")
-    if isinstance(index, str):
-        folder = pathlib.Path(index).parent
-        names = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
-        if not diffusers_files(names)[1]:
-            return folder
+    for first, complete in (
+        ("config.json", tower_files),
+        ("model_index.json", lambda n: not diffusers_files(n)[1]),
+    ):
+        if tower and first != "config.json":
+            continue
+        index = try_to_load_from_cache(repo, first)
+        if isinstance(index, str):
+            folder = pathlib.Path(index).parent
+            if complete([p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]):
+                return folder
     # Raised as huggingface_hub's own "not in cache" error so _hub_errors words it like the file case.
     raise LocalEntryNotFoundError(f"{repo} is not (fully) in the local cache")
 
@@ -242,17 +276,20 @@ def _not_diffusers_message(repo: str, missing: list[str], names: list[str]) -> s
 
 
 @contextlib.contextmanager
-def _hub_errors(target: HubTarget, spec: str, command: str, flag: str | None) -> Iterator[None]:
-    """Turn huggingface_hub exceptions into one-line BoothErrors that say what to do next."""
+def _hub_errors(target: HubTarget, spec: str, command: str, flag: str | None,
+                local: str = "checkpoint file") -> Iterator[None]:  # fmt: skip
+    """Turn huggingface_hub exceptions into one-line BoothErrors that say what to do next (`local`: what `flag`
+    takes instead, offline)."""
     from huggingface_hub import errors as hf
 
     try:
         yield
     except (hf.HfHubHTTPError, hf.LocalEntryNotFoundError, hf.EntryNotFoundError) as e:
-        raise BoothError(_hub_message(e, target, spec, command, flag)) from e
+        raise BoothError(_hub_message(e, target, spec, command, flag, local)) from e
 
 
-def _hub_message(e: Exception, target: HubTarget, spec: str, command: str, flag: str | None) -> str:
+def _hub_message(e: Exception, target: HubTarget, spec: str, command: str, flag: str | None,
+                 local_kind: str = "checkpoint file") -> str:  # fmt: skip
     from huggingface_hub import constants
     from huggingface_hub import errors as hf
 
@@ -273,7 +310,7 @@ def _hub_message(e: Exception, target: HubTarget, spec: str, command: str, flag:
     if isinstance(e, hf.LocalEntryNotFoundError):  # before EntryNotFoundError, its base class
         offline = "offline mode is on (HF_HUB_OFFLINE=1)"
         reason = offline if constants.HF_HUB_OFFLINE else "the Hugging Face Hub cannot be reached"
-        local = f", or pass {flag} with a local checkpoint file" if flag else ""
+        local = f", or pass {flag} with a local {local_kind}" if flag else ""
         return (f"model {spec!r} ({target}) is not downloaded and {reason}; run `booth download {command}` on a "
                 f"machine with internet access (or set HF_HOME to a cache that has it){local}")  # fmt: skip
     if isinstance(e, hf.EntryNotFoundError):

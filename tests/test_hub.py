@@ -75,6 +75,17 @@ REPOS = {
     "someone/fp16-only": FP16_ONLY,
     "someone/files": {"sub/dir/model.safetensors", "other.ckpt"},
     "someone/gated": {"model.safetensors"},
+    # a metric's tower: a transformers repo with every framework's weights, of which booth takes one
+    "openai/clip-vit-base-patch32": {
+        "config.json",
+        "model.safetensors",
+        "pytorch_model.bin",
+        "tf_model.h5",
+        "flax_model.msgpack",
+        "preprocessor_config.json",
+        "README.md",
+    },
+    "facebook/dino-vits16": {"config.json", "pytorch_model.bin", "preprocessor_config.json"},
 }
 GATED = {"someone/gated"}
 
@@ -432,3 +443,41 @@ def test_the_offline_hint_names_the_commands_own_model_flag():
         with pytest.raises(BoothError, match="booth download") as e:
             hub.download(*args)
         assert "pass" not in str(e.value), e.value
+
+
+def test_a_metric_tower_fetches_its_config_and_one_weights_file(fake_hub, tmp_path):
+    clip, dino = "openai/clip-vit-base-patch32", "facebook/dino-vits16"
+    got = call_many(tmp_path, fake_hub.url, [["find_tower", clip, "--clip-model"], ["find_tower", dino, "--dino-model"],
+                                             ["resolve", dino]])  # fmt: skip
+    folders = [Path(r["path"]) for r in got]
+    assert fake_hub.downloaded() == {f"{clip}:config.json", f"{clip}:model.safetensors", f"{dino}:config.json",
+                                     f"{dino}:pytorch_model.bin"}, "safetensors first, and nothing else"  # fmt: skip
+    assert (folders[0] / "model.safetensors").read_bytes() == fake_hub.files[clip]["model.safetensors"]
+    assert folders[2] == folders[1], "booth download REPO of a transformers repo fetches the same"
+    fake_hub.stop()
+    assert call(tmp_path, fake_hub.url, "find_tower", clip, "--clip-model", offline=True) == {
+        "path": str(folders[0])
+    }
+
+
+def test_a_metric_tower_not_cached_offline_says_what_to_download(tmp_path):
+    error = call(tmp_path, "http://127.0.0.1:9", "find_tower", "openai/clip-vit-base-patch32", "--clip-model",
+                 offline=True)["error"]  # fmt: skip
+    assert "booth download openai/clip-vit-base-patch32" in error
+    assert "or pass --clip-model with a local model folder" in error
+
+
+def test_a_repo_that_is_no_tower(fake_hub, tmp_path):
+    error = call(tmp_path, fake_hub.url, "find_tower", SD15_REPO, "--dino-model")["error"]
+    assert "is not a transformers model repo" in error
+    assert fake_hub.downloaded() == set()
+
+
+def test_a_tower_spec_that_is_neither_folder_nor_repo(tmp_path):
+    (tmp_path / "file.bin").write_bytes(b"x")
+    for spec in (str(tmp_path / "file.bin"), "not a repo"):
+        with pytest.raises(
+            BoothError, match="--clip-model .*: give a model folder .* or a Hugging Face repo"
+        ):
+            hub.find_tower(spec, "--clip-model")
+    assert hub.find_tower(str(tmp_path), "--clip-model") == tmp_path
