@@ -27,11 +27,14 @@ from . import __version__
 from .atomic import check_writable, clean_stale, new_run_dir, write_text
 from .errors import BoothError
 from .options import (
+    CLIP_MODEL,
+    DINO_MODEL,
     DREAMBOOTH_LEARNING_RATE,
     LEAN,
     LORA_LEARNING_RATE,
     LORA_TARGETS,
     LR_SCHEDULES,
+    METRICS,
     OPTIMIZERS,
     PRECISIONS,
     SAMPLERS,
@@ -42,6 +45,8 @@ from .options import (
     Job,
     Settings,
     TrainConfig,
+    check_seeds,
+    check_text,
 )
 
 
@@ -233,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=run_img2img)
     _dreambooth_parser(sub)
     _merge_parser(sub)
+    _evaluate_parser(sub)
     _train_demo_parser(sub)
     dl = sub.add_parser("download", help="download model weights into the Hugging Face cache",
                         description="Download weights: an alias (sd15, sd14), a repo id, or a repo id and a file.")  # fmt: skip
@@ -304,6 +310,57 @@ def _merge_parser(sub) -> None:
                    help="dtype of the written weights (default fp16, a 2 GB file)")  # fmt: skip
     p.add_argument("--ema", action="store_true", help="use the base file's EMA UNet weights (model_ema.*)")
     p.set_defaults(func=run_merge)
+
+
+def _evaluate_parser(sub) -> None:
+    p = sub.add_parser(
+        "evaluate", help="score DreamBooth checkpoints and name the best",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Render each checkpoint (and the base model, as step 0) over a prompt set, score the images as "
+        "the DreamBooth paper does\n(DINO, CLIP-I and CLIP-T against the subject's photos; PRES for the class), "
+        "rank the checkpoints and name the best.\nWrites OUT/metrics.json, OUT/metrics.csv and the renders; a "
+        "second call reuses the renders.\n\nexamples:\n  booth evaluate outputs/run0 --subject-dir photos/dog -c dog"
+        "\n  booth evaluate outputs/run1 --subject-dir subject -c star --metric demo",
+    )  # fmt: skip
+    p.add_argument("targets", nargs="+", metavar="RUN|CKPT_DIR|CKPT", help="a DreamBooth run, a checkpoint folder, "
+                   "checkpoint or LoRA files")  # fmt: skip
+    p.add_argument("--subject-dir", required=True, help="the real photos of the subject")
+    p.add_argument(
+        "-c",
+        "--class-word",
+        dest="cls",
+        metavar="CLASS",
+        required=True,
+        help="the subject's class (dog, backpack)",
+    )
+    p.add_argument("--token", default=None, help="the subject's identifier (default: the run's, else sks)")
+    p.add_argument("-m", "--model", default=None, help="the base model (default: the one the run recorded)")
+    p.add_argument("--metric", choices=METRICS, default="paper",
+                   help="paper: DINO, CLIP-I, CLIP-T, PRES (default); demo: the demo model's shapes judge")  # fmt: skip
+    p.add_argument("--prompts", default=None, help="dreambench (the benchmark's 25; default), or a text file of "
+                   "prompts, one a line, {} standing for the subject (default with --metric demo: the demo's own)")  # fmt: skip
+    p.add_argument("--live", action="store_true",
+                   help="a live subject's dreambench prompts (default: for the classes dog and cat)")  # fmt: skip
+    p.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt and checkpoint (4)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="the first image's seed (default 0); image i uses seed+i"
+    )
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 25)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=None, help="the sampler (default dpmpp_2m)")
+    p.add_argument(
+        "--dino-model", default=DINO_MODEL, help=f"a repo id or a local folder (default {DINO_MODEL})"
+    )
+    p.add_argument(
+        "--clip-model", default=CLIP_MODEL, help=f"a repo id or a local folder (default {CLIP_MODEL})"
+    )
+    p.add_argument(
+        "-o", "--output-dir", default=None, help="where results go (default RUN/eval, else ./eval)"
+    )
+    p.add_argument("--precision", choices=PRECISIONS, default=None, help="as for txt2img")
+    p.add_argument(
+        "-d", "--device", default=None, help="0, cuda:1, cpu or mps (default: first GPU, else cpu)"
+    )
+    p.set_defaults(func=run_evaluate)
 
 
 def _train_demo_parser(sub) -> None:
@@ -470,6 +527,66 @@ def run_merge(args) -> int:
     clean_stale(out.parent)
     print(merge_to_file(args.model, read_specs(args.lora), out, args.save_precision, args.ema), flush=True)
     return 0
+
+
+def run_evaluate(args) -> int:
+    from .data import find_images
+
+    if args.images_per_prompt < 1 or args.images_per_prompt > 1000:
+        raise BoothError(f"--images-per-prompt must be from 1 to 1000 (got {args.images_per_prompt})")
+    settings = Settings(
+        **{k: v for k, v in (("steps", args.steps), ("sampler", args.sampler)) if v is not None}
+    )
+    settings.validate()
+    check_seeds([args.seed + args.images_per_prompt - 1, args.seed])
+    reals = find_images(args.subject_dir, "subject")
+    first = Path(args.targets[0])
+    out = (
+        Path(args.output_dir)
+        if args.output_dir
+        else first / "eval"
+        if (first / "ckpts").is_dir()
+        else Path("eval")
+    )
+    check_writable(out)
+    custom = _prompt_file(Path(args.prompts)) if args.prompts not in (None, "dreambench") else None
+
+    from . import evaluate as ev
+    from .device import pick_device, pick_dtype
+    from .metrics import without_identifier
+
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.precision, device)
+    cands = ev.candidates(args.targets, args.model)
+    token, cls = ev.identity(cands, args.cls, args.token)
+    subject = f"{token} {cls}"
+    if custom is not None:
+        prompts = [p.format(subject) if "{}" in p else p for p in custom]
+    elif args.metric == "demo" and args.prompts is None:
+        prompts = ev.demo_prompts(subject)
+    else:
+        prompts = ev.dreambench_prompts(subject, args.live or cls in ev.LIVE_CLASSES)
+    texts = [without_identifier(p, token) for p in prompts]
+    seeds = list(range(args.seed, args.seed + args.images_per_prompt))
+    scorer = (
+        ev.DemoScorer(cls)
+        if args.metric == "demo"
+        else ev.PaperScorer(args.dino_model, args.clip_model, device)
+    )
+    plan = ev.Plan(prompts, f"a {cls}", seeds, settings)
+    doc = ev.evaluate(cands, scorer, plan, texts, reals, out, device, dtype)
+    print(ev.table(doc, scorer.keys))
+    log(f"booth: best: {doc['best']} ({doc['rule']}); {out / 'metrics.json'}")
+    return 0
+
+
+def _prompt_file(path: Path) -> list[str]:
+    prompts = [line.strip() for line in _read_text(path).splitlines() if line.strip()]
+    if not prompts:
+        raise BoothError(f"{path} has no prompts (one a line)")
+    for p in prompts:
+        check_text(f"a prompt in {path}", p)
+    return prompts
 
 
 def run_train_demo(args) -> int:

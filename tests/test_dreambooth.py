@@ -387,7 +387,8 @@ def test_lean_turns_on_its_parts_and_resumes_bitwise_after_ctrl_c(base, tmp_path
         "lean": True, "weights": "bf16", "fused_backward": True, "optimizer": "adafactor",
         "gradient_checkpointing": False}  # fmt: skip
     cmd = [sys.executable, "-m", "booth", *dreambooth_argv(base, tmp_path / "cut", *FAST, *args)]
-    code, err = interrupt_once_logged(cmd, tmp_path / "cut" / "run0" / "metrics.jsonl", timeout=120)
+    # bf16 is emulated on a CPU without it: under load the first steps can take minutes
+    code, err = interrupt_once_logged(cmd, tmp_path / "cut" / "run0" / "metrics.jsonl", timeout=600)
     assert code == 130 and "Traceback" not in err, err
     cut = tmp_path / "cut" / "run0"
     assert 3 <= len(metrics(cut)) < 40
