@@ -90,7 +90,8 @@ def candidates(targets: Sequence[str], base: str | None) -> list[Candidate]:
         folder = path / "ckpts" if (path / "ckpts").is_dir() else path
         if folder.is_dir() and not any(folder.iterdir()):
             raise BoothError(f"{folder} has no checkpoints in it")
-        found += rows(str(folder), base)
+        listed = rows(str(folder), None)  # -m names the base only of LoRA files (as for txt2img)
+        found += rows(str(folder), base) if base and any(r.lora for r in listed) else listed
     if not found:
         raise BoothError("no checkpoints to evaluate")
     if base is None:
