@@ -34,7 +34,7 @@ from . import metrics
 from .atomic import write_text
 from .errors import BoothError
 from .formats import natural_key, safetensors_metadata
-from .images import save_png
+from .images import load_image, save_png
 
 LIVE_CLASSES = {"dog", "cat"}  # the benchmark's live subjects; every other class is an object
 SHARED = ["in the jungle", "in the snow", "on the beach", "on a cobblestone street", "on top of pink fabric",
@@ -316,16 +316,16 @@ def _render(c: Candidate, plan: Plan, paths, klass, device, dtype) -> None:
 def evaluate(cands: Sequence[Candidate], scorer, plan: Plan, texts: Sequence[str], reals: Sequence[Path],
              out: Path, device, dtype) -> dict:  # fmt: skip
     """Render, score and rank; write out/metrics.json and out/metrics.csv; return the JSON document."""
-    real = scorer.reals([Image.open(p) for p in reals])
+    real = scorer.reals([load_image(p) for p in reals])
     scored = []
     for c in cands:
         per_prompt, klass = renders(c, plan, out / "renders", device, dtype)
         rows = []
         for prompt, text, files in zip(plan.prompts, texts, per_prompt):
-            s = scorer.score_prompt([Image.open(p) for p in files], text, real)
+            s = scorer.score_prompt([load_image(p) for p in files], text, real)
             rows.append({"prompt": prompt, "text": text, "images": [str(p) for p in files], **s})
         means = {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0] if k in scorer.keys}
-        means.update(scorer.score_class([Image.open(p) for p in klass], real))
+        means.update(scorer.score_class([load_image(p) for p in klass], real))
         scored.append(Scored(c, means, rows))
     best, rule = rank(scored, scorer.fidelity, scorer.prompt, scorer.floors)
     doc = _document(scored, scorer, reals, best, rule)

@@ -22,6 +22,7 @@ from torch import nn
 from . import clip
 from .config import CLIPConfig
 from .errors import BoothError
+from .formats import TOWER_WEIGHTS
 from .layers import attention
 from .tokenizer import BOS, CONTEXT_LEN, EOS, get_tokenizer
 
@@ -311,11 +312,11 @@ def _config(folder: Path, what: str) -> dict:
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     from .checkpoint import read_pickle, read_safetensors
 
-    for name in ("model.safetensors", "pytorch_model.bin"):
+    for name in TOWER_WEIGHTS:
         if (folder / name).is_file():
             f = folder / name
             return read_safetensors(f)[0] if f.suffix == ".safetensors" else read_pickle(f)
-    raise BoothError(f"no weights in {folder} (expected model.safetensors or pytorch_model.bin)")
+    raise BoothError(f"no weights in {folder} (expected {' or '.join(TOWER_WEIGHTS)})")
 
 
 def _assign(model: nn.Module, weights: dict[str, torch.Tensor], folder: Path, what: str):
