@@ -92,14 +92,15 @@ def clean_stale(folder: Path, recursive: bool = False) -> list[Path]:
     if not folder.is_dir():
         return removed
     for p in folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp"):
-        if p.is_file() and _stale(p, legacy=recursive):
+        if p.is_file() and stale(p, legacy=recursive):
             with contextlib.suppress(OSError):
                 p.unlink()
                 removed.append(p)
     return removed
 
 
-def _stale(p: Path, legacy: bool) -> bool:
+def stale(p: Path, legacy: bool = False) -> bool:
+    """Whether `p` is a temporary (file or folder) of a writer that no longer runs."""
     if m := _TEMP.fullmatch(p.name):
         return not _alive(int(m.group(1)))
     with contextlib.suppress(OSError):

@@ -150,6 +150,13 @@ DREAMBOOTH = (  # booth.options.TrainConfig
     Flag("--snr-gamma", "snr_gamma", "min-SNR loss weighting, e.g. 5 (default off)"),
     Flag("--sample-every", "sample_every", "save fixed-seed previews every N steps"),
     Flag("--sample-prompt", "sample_prompt", "prompt of the previews (default: the instance prompt)"),
+    Flag("--eval-every", "eval_every", "score the model every N steps as `booth evaluate` does, on a small "
+                                       "prompt set (saving a checkpoint then too), watch the class drift, and "
+                                       "name the best in RUN/best.txt and RUN/eval/report.html"),
+    Flag("--eval-metric", "eval_metric", "--eval-every's scorer: paper (DINO, CLIP-I, CLIP-T, PRES) or demo "
+                                         "(default: demo for -m demo, else paper)", {"choices": METRICS}),
+    Flag("--dino-model", "dino_model", "--eval-every's DINO tower, a repo id or local folder (default {default})"),
+    Flag("--clip-model", "clip_model", "--eval-every's CLIP tower, a repo id or local folder (default {default})"),
     Flag("--no-flip", "flip", "no horizontal flips"),
     Flag("--no-random-resize", "random_resize", "no random zoom"),
     Flag("--no-color-jitter", "color_jitter", "no colour jitter"),
@@ -240,9 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     _merge_parser(sub)
     _evaluate_parser(sub)
     _train_demo_parser(sub)
-    dl = sub.add_parser("download", help="download model weights into the Hugging Face cache",
-                        description="Download weights: an alias (sd15, sd14), a repo id, or a repo id and a file.")  # fmt: skip
-    dl.add_argument("spec", nargs="?", default=None, help="alias or OWNER/NAME (default sd15)")
+    dl = sub.add_parser("download", help="download model weights (or the DreamBench photos) into the Hugging Face "
+                        "cache", description="Download weights: an alias (sd15, sd14), a repo id, or a repo id and a "
+                        "file; or `dreambench`, the DreamBooth benchmark's subject photos (for booth evaluate "
+                        "--subject-dir dreambench:SUBJECT).")  # fmt: skip
+    dl.add_argument("spec", nargs="?", default=None, help="alias, OWNER/NAME or dreambench (default sd15)")
     dl.add_argument("filename", nargs="?", default=None, help="a file inside the repo")
     dl.set_defaults(func=run_download)
     return parser
@@ -324,7 +333,8 @@ def _evaluate_parser(sub) -> None:
     )  # fmt: skip
     p.add_argument("targets", nargs="+", metavar="RUN|CKPT_DIR|CKPT", help="a DreamBooth run, a checkpoint folder, "
                    "checkpoint or LoRA files")  # fmt: skip
-    p.add_argument("--subject-dir", required=True, help="the real photos of the subject")
+    p.add_argument("--subject-dir", required=True, help="the real photos of the subject: a folder, or "
+                   "dreambench:SUBJECT (e.g. dreambench:dog; see booth download dreambench)")  # fmt: skip
     p.add_argument(
         "-c",
         "--class-word",
@@ -335,8 +345,9 @@ def _evaluate_parser(sub) -> None:
     )
     p.add_argument("--token", default=None, help="the subject's identifier (default: the run's, else sks)")
     p.add_argument("-m", "--model", default=None, help="the base model (default: the one the run recorded)")
-    p.add_argument("--metric", choices=METRICS, default="paper",
-                   help="paper: DINO, CLIP-I, CLIP-T, PRES (default); demo: the demo model's shapes judge")  # fmt: skip
+    p.add_argument("--metric", choices=METRICS, default=None,
+                   help="paper: DINO, CLIP-I, CLIP-T, PRES; demo: the demo model's shapes judge (default: demo for "
+                        "the demo model's runs, else paper)")  # fmt: skip
     p.add_argument("--prompts", default=None, help="dreambench (the benchmark's 25; default), or a text file of "
                    "prompts, one a line, {} standing for the subject (default with --metric demo: the demo's own)")  # fmt: skip
     p.add_argument("--live", action="store_true",
@@ -531,6 +542,7 @@ def run_merge(args) -> int:
 
 def run_evaluate(args) -> int:
     from .data import find_images
+    from .dreambench import subject_dir
 
     if args.images_per_prompt < 1 or args.images_per_prompt > 1000:
         raise BoothError(f"--images-per-prompt must be from 1 to 1000 (got {args.images_per_prompt})")
@@ -539,7 +551,7 @@ def run_evaluate(args) -> int:
     )
     settings.validate()
     check_seeds([args.seed + args.images_per_prompt - 1, args.seed])
-    reals = find_images(args.subject_dir, "subject")
+    reals = find_images(subject_dir(args.subject_dir), "subject")
     first = Path(args.targets[0])
     out = (
         Path(args.output_dir)
@@ -559,24 +571,27 @@ def run_evaluate(args) -> int:
     dtype = pick_dtype(args.precision, device)
     cands = ev.candidates(args.targets, args.model)
     token, cls = ev.identity(cands, args.cls, args.token)
+    metric = args.metric or ev.default_metric(cands[0].row.model)
     subject = f"{token} {cls}"
     if custom is not None:
         prompts = [p.format(subject) if "{}" in p else p for p in custom]
-    elif args.metric == "demo" and args.prompts is None:
+    elif metric == "demo" and args.prompts is None:
         prompts = ev.demo_prompts(subject)
     else:
         prompts = ev.dreambench_prompts(subject, args.live or cls in ev.LIVE_CLASSES)
     texts = [without_identifier(p, token) for p in prompts]
     seeds = list(range(args.seed, args.seed + args.images_per_prompt))
     scorer = (
-        ev.DemoScorer(cls)
-        if args.metric == "demo"
-        else ev.PaperScorer(args.dino_model, args.clip_model, device)
+        ev.DemoScorer(cls) if metric == "demo" else ev.PaperScorer(args.dino_model, args.clip_model, device)
     )
     plan = ev.Plan(prompts, f"a {cls}", seeds, settings)
-    doc = ev.evaluate(cands, scorer, plan, texts, reals, out, device, dtype)
+    recipe = first / "args.yaml" if (first / "ckpts").is_dir() else None
+    recipe = _read_text(recipe) if recipe is not None and recipe.is_file() else None
+    doc = ev.evaluate(cands, scorer, plan, texts, reals, out, device, dtype, recipe)
     print(ev.table(doc, scorer.keys))
-    log(f"booth: best: {doc['best']} ({doc['rule']}); {out / 'metrics.json'}")
+    for warning in doc["warnings"]:
+        log(f"booth: warning: {warning}")
+    log(f"booth: best: {doc['best']} ({doc['rule']}); {out / 'metrics.json'}, {out / 'report.html'}")
     return 0
 
 
@@ -622,6 +637,13 @@ def run_train_demo(args) -> int:
 def run_download(args) -> int:
     from .hub import download
 
+    if args.spec == "dreambench":
+        from . import dreambench
+
+        if args.filename:
+            raise BoothError("`booth download dreambench` takes no file name (it fetches the whole dataset)")
+        print(dreambench.download(), flush=True)
+        return 0
     print(download(args.spec, args.filename) if args.spec else download())
     return 0
 

@@ -77,6 +77,8 @@ class Scored:
     candidate: Candidate
     scores: dict[str, float]
     per_prompt: list[dict] = field(default_factory=list)
+    class_images: list[Path] = field(default_factory=list)
+    drift: float | None = None  # its class images' similarity to the base's at the same seeds
 
 
 def candidates(targets: Sequence[str], base: str | None) -> list[Candidate]:
@@ -141,6 +143,9 @@ class PaperScorer:
     name, fidelity, prompt = "paper", "dino", "clip_t"
     keys = ("dino", "clip_i", "clip_t", "pres")
     floors = {"dino": 0.05, "clip_t": 0.01}
+    # DINO of two photos of different dogs is about this: a class image further from the base's image at the same
+    # seed than that no longer shows what the base drew
+    drift_threshold, drift_measure = 0.5, "DINO similarity to the base model's class images at the same seeds"
 
     def __init__(self, dino: str, clip: str, device: torch.device, batch: int = 16):
         from .hub import find_tower
@@ -182,6 +187,9 @@ class PaperScorer:
     def score_class(self, images, reals) -> dict[str, float]:
         return {"pres": metrics.subject_similarity(self.embed(images)["dino"], reals["dino"])}
 
+    def drift(self, images, base_images, reals) -> float:
+        return metrics.paired_cosine(self.embed(images)["dino"], self.embed(base_images)["dino"])
+
 
 class DemoScorer:
     """The demo model's judge: `subject` (the share of each image's foreground in the subject's colours, read
@@ -191,6 +199,12 @@ class DemoScorer:
     name, fidelity, prompt = "demo", "subject", "background"
     keys = ("subject", "background", "pres", "class")
     floors = {"subject": 0.1, "background": 0.1}
+    # the demo model redraws the whole scene when its weights move, so comparing shapes pairwise says little;
+    # what drift does to it is paint the class in the subject's colours
+    drift_threshold = 0.5
+    drift_measure = (
+        "1 - the change in the class images' share of subject colours from the base's at the same seeds"
+    )
     models: dict = {}
 
     def __init__(self, cls: str):
@@ -231,6 +245,12 @@ class DemoScorer:
 
         return {"pres": float(np.mean([self._share(i, palette) for i in images])),
                 "class": float(np.mean([judge(i).shape == self.cls for i in images]))}  # fmt: skip
+
+    def drift(self, images, base_images, palette) -> float:
+        changes = [
+            abs(self._share(a, palette) - self._share(b, palette)) for a, b in zip(images, base_images)
+        ]
+        return 1 - float(np.mean(changes))
 
 
 # ----------------------------------------------------------------------------- ranking
@@ -314,23 +334,63 @@ def _render(c: Candidate, plan: Plan, paths, klass, device, dtype) -> None:
 
 
 def evaluate(cands: Sequence[Candidate], scorer, plan: Plan, texts: Sequence[str], reals: Sequence[Path],
-             out: Path, device, dtype) -> dict:  # fmt: skip
-    """Render, score and rank; write out/metrics.json and out/metrics.csv; return the JSON document."""
+             out: Path, device, dtype, recipe: str | None = None) -> dict:  # fmt: skip
+    """Render, score and rank; write out/metrics.json, out/metrics.csv and out/report.html; return the JSON
+    document. Every path it records is absolute, so the report and other tools find the images from anywhere."""
+    out, reals = Path(out).absolute(), [Path(p).absolute() for p in reals]
     real = scorer.reals([load_image(p) for p in reals])
     scored = []
     for c in cands:
         per_prompt, klass = renders(c, plan, out / "renders", device, dtype)
-        rows = []
-        for prompt, text, files in zip(plan.prompts, texts, per_prompt):
-            s = scorer.score_prompt([load_image(p) for p in files], text, real)
-            rows.append({"prompt": prompt, "text": text, "images": [str(p) for p in files], **s})
-        means = {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0] if k in scorer.keys}
-        means.update(scorer.score_class([load_image(p) for p in klass], real))
-        scored.append(Scored(c, means, rows))
+        scored.append(score(c, scorer, plan, texts, per_prompt, klass, real))
+    base = scored[0] if scored[0].candidate.name == "base" else None
+    for s in scored:
+        s.drift = drift(scorer, s.class_images, base.class_images, real) if base else None
+    return conclude(scored, scorer, reals, out, recipe)
+
+
+def score(c: Candidate, scorer, plan: Plan, texts: Sequence[str], per_prompt: Sequence[Sequence[Path]],
+          klass: Sequence[Path], real) -> Scored:  # fmt: skip
+    """One candidate's scores: per prompt, their means, and the class prompt's."""
+    rows = []
+    for prompt, text, files in zip(plan.prompts, texts, per_prompt):
+        s = scorer.score_prompt([load_image(p) for p in files], text, real)
+        rows.append({"prompt": prompt, "text": text, "images": [str(p) for p in files], **s})
+    means = {k: _mean([r[k] for r in rows]) for k in rows[0] if k in scorer.keys}
+    means.update(scorer.score_class([load_image(p) for p in klass], real))
+    return Scored(c, means, rows, list(klass))
+
+
+def _mean(values: Sequence[float]) -> float:
+    """The mean of the values that were measured (NaN: a prompt that does not ask for what a key measures)."""
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def drift(scorer, klass: Sequence[Path], base: Sequence[Path], real) -> float:
+    """How alike the class prompt's images are to the base model's at the same seeds (1: the same)."""
+    return scorer.drift([load_image(p) for p in klass], [load_image(p) for p in base], real)
+
+
+def drift_warnings(scored: Sequence[Scored], scorer) -> list[str]:
+    return [drift_warning(s.candidate.name, s.drift, scorer) for s in scored
+            if s.drift is not None and s.drift < scorer.drift_threshold]  # fmt: skip
+
+
+def drift_warning(name: str, value: float, scorer) -> str:
+    return (f"{name}: the class is drifting: raise -l or lower the learning rate ({scorer.drift_measure} is "
+            f"{value:.2f}, under {scorer.drift_threshold:g})")  # fmt: skip
+
+
+def conclude(scored: Sequence[Scored], scorer, reals: Sequence[Path], out: Path, recipe: str | None) -> dict:
+    """Rank; write out/metrics.json, out/metrics.csv and out/report.html; return the JSON document."""
+    from .report import write_report
+
     best, rule = rank(scored, scorer.fidelity, scorer.prompt, scorer.floors)
     doc = _document(scored, scorer, reals, best, rule)
     write_text(out / "metrics.json", json.dumps(doc, indent=1, allow_nan=False))
     write_text(out / "metrics.csv", _csv(scored, scorer))
+    write_report(doc, out / "report.html", recipe)
     return doc
 
 
@@ -338,10 +398,13 @@ def _document(scored: Sequence[Scored], scorer, reals, best: str, rule: str) -> 
     def entry(s: Scored) -> dict:
         paper = {k: s.scores.get(k) for k in PaperScorer.keys}  # null under another scorer
         return {"name": s.candidate.name, "path": str(s.candidate.row.path), "step": s.candidate.step, **paper,
-                "scores": s.scores, "per_prompt": [_finite(r) for r in s.per_prompt]}  # fmt: skip
+                "scores": _finite(s.scores), "drift": s.drift, "class_images": [str(p) for p in s.class_images],
+                "per_prompt": [_finite(r) for r in s.per_prompt]}  # fmt: skip
 
     return {"reals": [str(p) for p in reals], "metric": scorer.name, "checkpoints": [_finite(entry(s)) for s in scored],
-            "best": best, "rule": rule, "models": scorer.models}  # fmt: skip
+            "best": best, "rule": rule, "models": scorer.models, "keys": list(scorer.keys),
+            "drift_threshold": scorer.drift_threshold, "drift_measure": scorer.drift_measure,
+            "warnings": drift_warnings(scored, scorer)}  # fmt: skip
 
 
 def _finite(d: dict) -> dict:
@@ -368,3 +431,94 @@ def table(doc: dict, keys: Sequence[str]) -> str:
         mark = "  <- best" if c["name"] == doc["best"] else ""
         lines.append(f"{c['name']:<24}{c['step']:>7}{values}{mark}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- during training: --eval-every
+
+
+def default_metric(model: Path) -> str:
+    """The scorer for a base model: the shapes judge for booth's demo model, the paper's metrics for the rest."""
+    from .formats import DEMO_FILE
+
+    return "demo" if model.is_file() and model.resolve() == DEMO_FILE.resolve() else "paper"
+
+
+def training_prompts(subject: str, cls: str, metric: str) -> list[str]:
+    """The small prompt set --eval-every scores: the demo's own, or every fifth dreambench prompt (five)."""
+    if metric == "demo":
+        return demo_prompts(subject)
+    return dreambench_prompts(subject, cls in LIVE_CLASSES)[::5]
+
+
+def split_prompt(instance: str, klass: str) -> tuple[str, str]:
+    """(identifier, class) from a run's prompts: "a sks dog" and "a dog" give ("sks", "dog")."""
+    class_words = [w for w in klass.split() if w != "a"]
+    extra = [w for w in instance.split() if w not in class_words and w != "a"]
+    return (extra[0] if extra else ""), (class_words[-1] if class_words else klass)
+
+
+class Monitor:
+    """--eval-every: the weights being trained, rendered over a small prompt set at fixed seeds and scored as
+    `booth evaluate` scores checkpoints. The renders and each step's scores go to RUN/eval/renders/NAME/; the means
+    go into metrics.jsonl. The base model is scored before the first step, which the drift is measured against."""
+
+    def __init__(self, render, scorer, plan: Plan, texts: Sequence[str], reals: Sequence[Path], out: Path):
+        self.render, self.scorer, self.plan, self.texts = render, scorer, plan, texts
+        self.out, self.reals = Path(out).absolute(), [Path(p).absolute() for p in reals]
+        self.real = scorer.reals([load_image(p) for p in reals])
+
+    def score(self, step: int) -> dict[str, float]:
+        """Render and score the weights at `step` (0: the base); the means, prefixed "eval_", for the log."""
+        name = "base" if step == 0 else f"step-{step:06d}"
+        folder = self.out / "renders" / name
+        paths = [
+            [folder / f"{p:02d}-{i}.png" for i in range(len(self.plan.seeds))]
+            for p in range(len(self.plan.prompts))
+        ]
+        klass = [folder / f"class-{i}.png" for i in range(len(self.plan.seeds))]
+        folder.mkdir(parents=True, exist_ok=True)
+        for prompt, files in [*zip(self.plan.prompts, paths), (self.plan.class_prompt, klass)]:
+            for image, path in zip(self.render(prompt, self.plan.seeds, self.plan.settings), files):
+                save_png(image, path)
+        s = score(Candidate(name, None, step), self.scorer, self.plan, self.texts, paths, klass, self.real)
+        base = [self.out / "renders" / "base" / p.name for p in klass]
+        s.drift = drift(self.scorer, klass, base, self.real) if all(p.is_file() for p in base) else None
+        if s.drift is not None and s.drift < self.scorer.drift_threshold:
+            print(f"booth: warning: {drift_warning(f'step {step}', s.drift, self.scorer)}", file=sys.stderr)
+        record = {"step": step, "scores": _finite(s.scores), "drift": s.drift, "per_prompt": s.per_prompt}
+        write_text(folder / "scores.json", json.dumps(record, indent=1, allow_nan=False))
+        return {
+            f"eval_{k}": v
+            for k, v in {**s.scores, "drift": s.drift}.items()
+            if v is not None and math.isfinite(v)
+        }
+
+    def conclude(
+        self, run: Path, base: Path, checkpoints: dict[int, Path], recipe: str | None
+    ) -> dict | None:
+        """Rank what was scored (the base and each step with its checkpoint); write the report and RUN/best.txt."""
+        scored = []
+        for step, path in [(0, base), *sorted(checkpoints.items())]:
+            name = "base" if step == 0 else f"step-{step:06d}"
+            try:
+                record = json.loads((self.out / "renders" / name / "scores.json").read_text())
+            except (OSError, ValueError):
+                continue  # not scored (--eval-every added on resume, or a step that was not an eval step)
+            klass = [self.out / "renders" / name / f"class-{i}.png" for i in range(len(self.plan.seeds))]
+            scores = {k: math.nan if v is None else v for k, v in record["scores"].items()}
+            scored.append(
+                Scored(
+                    Candidate(name, _RowOf(path), step), scores, record["per_prompt"], klass, record["drift"]
+                )
+            )
+        if not scored:
+            return None
+        doc = conclude(scored, self.scorer, self.reals, self.out, recipe)
+        best = next(s for s in scored if s.candidate.name == doc["best"])
+        write_text(run / "best.txt", f"{best.candidate.row.path}\n")
+        return doc
+
+
+@dataclass(frozen=True)
+class _RowOf:
+    path: Path

@@ -249,6 +249,7 @@ class Loop:
     fused_backward: bool = False  # step each parameter inside the backward pass (booth.optim.StepInBackward)
     save_every: int | None = None  # None: only at the end
     sample_every: int | None = None
+    eval_every: int | None = None  # score the task (and save) every N steps; None: never
 
     def validate(self) -> None:
         check_int("--iterations", self.iterations, 1, MAX_ITERATIONS)
@@ -260,7 +261,8 @@ class Loop:
         check_choice("--optimizer", self.optimizer, OPTIMIZERS)
         if self.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
             raise BoothError("--optimizer adamw8bit needs bitsandbytes: pip install 'booth[8bit]'")
-        for name, value in (("--save-every", self.save_every), ("--sample-every", self.sample_every)):
+        for name, value in (("--save-every", self.save_every), ("--sample-every", self.sample_every),
+                            ("--eval-every", self.eval_every)):  # fmt: skip
             if value is not None:
                 check_int(name, value, 1)
 
@@ -288,9 +290,9 @@ class TrainConfig(Loop, Noise):
 
     # -r may change these; every other field is the recipe, fixed once a run has started
     RESUMABLE: ClassVar = ("iterations", "save_every", "sample_every", "sample_prompt", "devices",
-                           "generation_batch_size")  # fmt: skip
+                           "generation_batch_size", "eval_every", "eval_metric", "dino_model", "clip_model")  # fmt: skip
     # where the inputs are, not how the model trains: left out of the hyperparameters a checkpoint records
-    LOCATIONS: ClassVar = ("instance_dir", "class_dir", "model")
+    LOCATIONS: ClassVar = ("instance_dir", "class_dir", "model", "dino_model", "clip_model")
 
     learning_rate: float | None = None  # None: DREAMBOOTH_LEARNING_RATE, or LORA_LEARNING_RATE with `lora`
     class_name: str = ""
@@ -331,6 +333,10 @@ class TrainConfig(Loop, Noise):
     lora_alpha: float | None = None  # None: the rank (scale 1)
     lora_targets: str = "attn"
     lora_text_encoder: bool = False
+    # --eval-every: the scorer (None: demo for booth's demo model, else paper) and the paper's towers
+    eval_metric: str | None = None
+    dino_model: str = DINO_MODEL
+    clip_model: str = CLIP_MODEL
 
     def __post_init__(self):
         if self.learning_rate is None:
@@ -407,6 +413,8 @@ class TrainConfig(Loop, Noise):
         check_choice("--precision", self.precision or "fp32", PRECISIONS)
         check_choice("--save-precision", self.save_precision, SAVE_PRECISIONS)
         check_choice("--weights", self.weights, WEIGHTS)
+        if self.eval_metric is not None:
+            check_choice("--eval-metric", self.eval_metric, METRICS)
         if self.weights == "bf16":
             if self.lora:
                 raise BoothError("--weights bf16 is for whole networks: LoRA's adapters are a few MB and train in "

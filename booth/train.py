@@ -223,7 +223,30 @@ def train(cfg: TrainConfig, out: str | os.PathLike = "outputs", resume: str | os
                 cfg, image_sets(cfg, class_paths), base, dist, prefetch(dist.device)
             )  # 4. batches
             task = DreamBooth(cfg, base, batches, dist)  # 5. what trains
+            if cfg.eval_every and dist.main:
+                task.monitor = monitor(cfg, found.path, task, run)
         return fit(task, cfg, run, dist, resume=has_state)  # 6. the loop
+
+
+def eval_metric(cfg: TrainConfig, model: Path) -> str:
+    from .evaluate import default_metric
+
+    return cfg.eval_metric or default_metric(model)
+
+
+def monitor(cfg: TrainConfig, model: Path, task: DreamBooth, run: Path):
+    """--eval-every's scorer over a small prompt set, rendering with the weights being trained."""
+    from . import evaluate as ev
+    from .metrics import without_identifier
+
+    metric = eval_metric(cfg, model)
+    scorer = (ev.DemoScorer(cfg.class_name) if metric == "demo"
+              else ev.PaperScorer(cfg.dino_model, cfg.clip_model, task.sd.device))  # fmt: skip
+    prompts = ev.training_prompts(f"{cfg.token} {cfg.class_name}", cfg.class_name, metric)
+    plan = ev.Plan(prompts, cfg.class_text, [cfg.seed, cfg.seed + 1], cfg.sampling())
+    texts = [without_identifier(p, cfg.token) for p in prompts]
+    return ev.Monitor(task.render, scorer, plan, texts, find_images(cfg.instance_dir, "instance", warn=False),
+                      run / "eval")  # fmt: skip
 
 
 def preflight(cfg: TrainConfig, out: Path | None, warn: bool = True):
@@ -232,6 +255,13 @@ def preflight(cfg: TrainConfig, out: Path | None, warn: bool = True):
     run has somewhere to go."""
     found = find_model(cfg.model, "-m")
     find_images(cfg.instance_dir, "instance", warn=warn)
+    if (
+        cfg.eval_every and eval_metric(cfg, found.path) == "paper"
+    ):  # the towers, before any run folder is made
+        from .hub import find_tower
+
+        find_tower(cfg.dino_model, "--dino-model")
+        find_tower(cfg.clip_model, "--clip-model")
     if cfg.class_dir and Path(cfg.class_dir).exists() and not Path(cfg.class_dir).is_dir():
         raise BoothError(f"--class-dir {cfg.class_dir} is a file; give a folder (it is created if missing)")
     if out is not None:
@@ -516,6 +546,7 @@ class DreamBooth:
         self.alphas_cumprod = self.sd.schedule.alphas_cumprod.to(dist.device)
         self.encode_text = self._prompts(dist)
         self.meta = self._metadata()
+        self.monitor = None  # booth.evaluate.Monitor with --eval-every, on the main process
 
     def _prompts(self, dist: Dist) -> Callable[[], torch.Tensor]:
         """The instance and class prompts' embeddings (2, L, C): encoded once, unless the text encoder trains."""
@@ -585,13 +616,36 @@ class DreamBooth:
         h, w = self.cfg.hw
         folder = run / "samples" / f"step-{step:06d}"
         folder.mkdir(parents=True, exist_ok=True)
-        self.model.unet.eval()
-        with self.amp:
-            images = self.sd.txt2img(self.cfg.sample_prompt or self.cfg.instance_text, "",
-                                     [self.cfg.seed, self.cfg.seed + 1], Settings(height=h, width=w))  # fmt: skip
-        self.model.unet.train()
+        images = self.render(self.cfg.sample_prompt or self.cfg.instance_text, [self.cfg.seed, self.cfg.seed + 1],
+                             Settings(height=h, width=w))  # fmt: skip
         for i, image in enumerate(images):
             save_png(image, folder / f"{i:04d}.png")
+
+    def render(self, prompt: str, seeds: list[int], settings: Settings) -> list:
+        """Images of the weights as they are now."""
+        self.model.unet.eval()
+        try:
+            with self.amp:
+                return self.sd.txt2img(prompt, "", seeds, settings)
+        finally:
+            self.model.unet.train()
+
+    def evaluate(self, run: Path, step: int) -> dict[str, float]:
+        return self.monitor.score(step) if self.monitor else {}
+
+    def conclude(self, run: Path, step: int) -> None:
+        """--eval-every's verdict: the best of what was scored, in RUN/best.txt and RUN/eval/report.html."""
+        if self.monitor is None:
+            return
+        steps = {
+            p: p.stem.removeprefix("step-") for p in (run / CHECKPOINT_FOLDER).glob("step-*.safetensors")
+        }
+        ckpts = {int(n): p for p, n in steps.items() if n.isdigit() and int(n) <= step}
+        recipe = (run / "args.yaml").read_text(encoding="utf-8") if (run / "args.yaml").is_file() else None
+        doc = self.monitor.conclude(run, Path(self.cfg.model), ckpts, recipe)
+        if doc is not None:
+            print(f"booth: best checkpoint: {doc['best']} ({doc['rule']}); {run / 'best.txt'}, "
+                  f"{run / 'eval' / 'report.html'}", file=sys.stderr)  # fmt: skip
 
 
 def trainable(model, cfg: TrainConfig) -> tuple[dict | None, list[torch.Tensor]]:
@@ -861,6 +915,12 @@ class Task(Protocol):
     def preview(self, run: Path, step: int) -> None:
         """Sample images of the model at `step` into `run`."""
 
+    def evaluate(self, run: Path, step: int) -> dict[str, float]:
+        """With --eval-every: score the model at `step` (0: before the first step); the scores to log."""
+
+    def conclude(self, run: Path, step: int) -> None:
+        """With --eval-every, after the last step: name the best of what was scored."""
+
 
 def fit(task: Task, loop: Loop, run: Path, dist: Dist, resume: bool = False, name: str = "dreambooth",
         resume_command: str | None = None) -> Path:  # fmt: skip
@@ -870,23 +930,32 @@ def fit(task: Task, loop: Loop, run: Path, dist: Dist, resume: bool = False, nam
     if resume:
         state.load()
     elif dist.main:
-        _truncate_metrics(run / "metrics.jsonl", 0)  # a run stopped before its first save starts over
-    bar = tqdm(total=loop.iterations, initial=state.step, desc=name, unit="step", file=sys.stderr,
-               disable=not dist.main, dynamic_ncols=True)  # fmt: skip
-    with bar, StopFlag() as stop, out_of_memory(task.memory_hint):
-        while state.step < loop.iterations:
-            logged = state.optimizer_step()
-            bar.set_postfix(loss=f"{logged['loss']:.4f}")
-            bar.update(1)
-            saving = state.step == loop.iterations or bool(
-                loop.save_every and state.step % loop.save_every == 0
-            )
-            state.after_step(logged, saving)
-            if stop.requested:
-                state.stop(saved=saving)
-            if saving:
-                dist.barrier()
+        _truncate_metrics(run / "metrics.jsonl", -1)  # a run stopped before its first save starts over
+    with StopFlag() as stop, out_of_memory(task.memory_hint):
+        if loop.eval_every and state.step == 0 and dist.main:  # the base, which drift is measured against
+            with state._disk():
+                _log_metrics(run, {"step": 0, **task.evaluate(run, 0)}, state.writer)
+        bar = tqdm(total=loop.iterations, initial=state.step, desc=name, unit="step", file=sys.stderr,
+                   disable=not dist.main, dynamic_ncols=True)  # fmt: skip
+        with bar:
+            while state.step < loop.iterations:
+                logged = state.optimizer_step()
+                bar.set_postfix(loss=f"{logged['loss']:.4f}")
+                bar.update(1)
+                evaluating = bool(loop.eval_every and state.step % loop.eval_every == 0)
+                saving = (
+                    state.step == loop.iterations
+                    or evaluating
+                    or bool(loop.save_every and state.step % loop.save_every == 0)
+                )
+                state.after_step(logged, saving, evaluating or (saving and bool(loop.eval_every)))
+                if stop.requested:
+                    state.stop(saved=saving)
+                if saving:
+                    dist.barrier()
     state.close()
+    if loop.eval_every and dist.main:
+        task.conclude(run, state.step)
     return state.last_ckpt or run / CHECKPOINT_FOLDER / f"step-{state.step:06d}.safetensors"
 
 
@@ -955,13 +1024,16 @@ class _State:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def after_step(self, logged: dict, saving: bool) -> None:
+    def after_step(self, logged: dict, saving: bool, evaluating: bool = False) -> None:
         if not self.dist.main:
             return
         now = time.perf_counter()
         record = {"step": self.step, **logged, "seconds": now - self.t_last,
                   "peak_memory_mb": peak_memory_mb(self.dist.device)}  # fmt: skip
-        self.t_last = now
+        with self._disk():
+            if evaluating:  # scored as it is saved, so the best is a checkpoint on disk
+                record.update(self.task.evaluate(self.run, self.step))
+        self.t_last = time.perf_counter()
         with self._disk():
             _log_metrics(self.run, record, self.writer)
             if saving:
@@ -1132,7 +1204,7 @@ def _metric_lines(path: Path) -> list[tuple[int, str]]:
 
 
 def _logged_steps(path: Path) -> int:
-    return len(_metric_lines(path))
+    return sum(1 for step, _ in _metric_lines(path) if step > 0)  # step 0: --eval-every's score of the base
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

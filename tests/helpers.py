@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -198,3 +201,97 @@ def error_of(capsys) -> str:
     lines = [ln for ln in err.splitlines() if ln.startswith("booth: error:")]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+# ----------------------------------------------------------------------------- a headless browser
+
+# Headless Chromium that stays off the network: no background fetches (updates, sync, safe browsing, metrics),
+# and a dead proxy and a resolver that finds no host, so a page that asks for anything remote fails to load it,
+# which shows as a SEVERE console entry. Loopback stays direct: chromedriver talks to the browser through it.
+BROWSER_FLAGS = [
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+    "--force-device-scale-factor=1", "--lang=en-US", "--no-first-run", "--no-default-browser-check",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-default-apps",
+    "--disable-extensions", "--disable-breakpad", "--disable-domain-reliability", "--no-pings",
+    "--disable-client-side-phishing-detection", "--metrics-recording-only",
+    "--disable-features=Translate,OptimizationHints,MediaRouter,DialMediaRouteProvider,AutofillServerCommunication",
+    "--proxy-server=http://127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND",
+]  # fmt: skip
+
+
+def browser_paths() -> tuple[str, str]:
+    """(chromium, chromedriver): the system's, never downloaded. Without them (or Selenium) the calling test skips,
+    or fails where BOOTH_REQUIRE_BROWSER=1 (CI installs them and sets it, so the test cannot skip silently)."""
+    import pytest
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    missing = [name for name, found in [("chromium", chromium), ("chromedriver", driver)] if not found]
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("selenium")
+    if missing:
+        why = f"no {', '.join(missing)} (apt-get install chromium chromium-driver; pip install selenium)"
+        if os.environ.get("BOOTH_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"BOOTH_REQUIRE_BROWSER=1 but {why}")
+        pytest.skip(why)
+    return chromium, driver
+
+
+def console_errors(driver) -> list[dict]:
+    """The SEVERE browser-console entries since the last call (Selenium hands each entry out once)."""
+    return [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+
+
+@contextlib.contextmanager
+def open_in_browser(path, width: int = 1280, height: int = 900) -> Iterator[tuple[object, list[dict]]]:
+    """Open the local HTML file `path` in headless Chromium and yield (the Selenium driver, the SEVERE console
+    entries of the load); the browser is closed after the block. Skips as browser_paths() says."""
+    from unittest import mock
+
+    chromium, chromedriver = browser_paths()  # first: it skips where Selenium is missing
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.selenium_manager import SeleniumManager
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in [*BROWSER_FLAGS, f"--window-size={width},{height}"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    # Selenium Manager downloads browsers and drivers; with both paths given Selenium skips it, and this makes
+    # sure it stays so in later Selenium versions. Should it run anyway, SE_OFFLINE and SE_AVOID_STATS (which
+    # Selenium Manager reads) keep it from downloading and from sending its usage statistics. Selenium would send
+    # its own requests to chromedriver (on localhost) through an http_proxy the environment names: no_proxy.
+    loopback = "localhost,127.0.0.1,::1"
+    env = {"SE_OFFLINE": "true", "SE_AVOID_STATS": "true", "no_proxy": loopback, "NO_PROXY": loopback}
+    refuse = mock.patch.object(
+        SeleniumManager, "binary_paths", side_effect=AssertionError("Selenium Manager ran")
+    )
+    with refuse, mock.patch.dict(os.environ, env):
+        driver = webdriver.Chrome(service=Service(executable_path=chromedriver), options=options)
+    try:
+        driver.set_page_load_timeout(60)
+        driver.get(Path(path).resolve().as_uri())
+        yield driver, console_errors(driver)
+    finally:
+        driver.quit()
+
+
+def save_screenshot(driver, name: str) -> Path:
+    """A screenshot of the whole page (the window grown to the document's height) in the test-artifacts folder
+    ($BOOTH_TEST_ARTIFACTS, else ./test-artifacts), for a person to look at."""
+    folder = Path(os.environ.get("BOOTH_TEST_ARTIFACTS", "test-artifacts"))
+    folder.mkdir(parents=True, exist_ok=True)
+    width, height = driver.execute_script(
+        "return [document.documentElement.scrollWidth, document.documentElement.scrollHeight]"
+    )
+    width, height = max(width, 800), min(max(height, 600), 16000)  # Chromium caps a capture's size
+    driver.set_window_size(width, height)
+    short = height - driver.execute_script("return window.innerHeight")  # the window's own frame
+    if short > 0:
+        driver.set_window_size(width, height + short)
+    path = folder / name
+    driver.save_screenshot(str(path))
+    return path

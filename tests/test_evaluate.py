@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import error_of
+from helpers import error_of, open_in_browser, save_screenshot
 
 import booth.evaluate
 from booth import vision
@@ -19,17 +19,31 @@ from booth.shapes import outlined_star_subject
 ARGS = ["-c", "star", "--images-per-prompt", "2", "--steps", "6", "--sampler", "ddim"]
 
 
+TRAIN = ["dreambooth", "-m", "demo", "-c", "star", "--iterations", "600", "--learning-rate", "1e-4", "-l", "1",
+         "--class-img-count", "20", "--ddim-steps", "20", "--seed", "0", "--no-random-resize",
+         "--save-precision", "fp32", "--eval-every", "200"]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A demo DreamBooth run of the outlined star (the recipe of tests/test_demo.py), checkpoints every 200 steps."""
+def trained(tmp_path_factory):
+    """A demo DreamBooth run of the outlined star (the recipe of tests/test_demo.py), scored every 200 steps
+    (checkpoints then too); what --eval-every wrote, read before `booth evaluate` writes into RUN/eval."""
     tmp = tmp_path_factory.mktemp("evaluate")
     outlined_star_subject(tmp / "subject")
-    code = main(["dreambooth", "-m", "demo", "-c", "star", "-i", str(tmp / "subject"), "-o", str(tmp / "out"),
-                 "--class-dir", str(tmp / "class"), "--iterations", "600", "--learning-rate", "1e-4", "-l", "1",
-                 "--class-img-count", "20", "--ddim-steps", "20", "--seed", "0", "--no-random-resize",
-                 "--save-precision", "fp32", "-s", "200"])  # fmt: skip
+    code = main(
+        [*TRAIN, "-i", str(tmp / "subject"), "-o", str(tmp / "out"), "--class-dir", str(tmp / "class")]
+    )
     assert code == 0
-    return tmp / "out" / "run0", tmp / "subject"
+    folder = tmp / "out" / "run0"
+    during = {"doc": json.loads((folder / "eval" / "metrics.json").read_text()),
+              "report": (folder / "eval" / "report.html").read_text(), "best": (folder / "best.txt").read_text(),
+              "log": [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]}  # fmt: skip
+    return folder, tmp / "subject", during
+
+
+@pytest.fixture(scope="module")
+def run(trained):
+    return trained[:2]
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +114,7 @@ def test_the_paper_metrics_equal_transformers_on_the_same_images(run, tmp_path):
     folder, subject = run
     out = tmp_path / "eval"
     assert main(["evaluate", str(folder / "ckpts" / "step-000600.safetensors"), "--subject-dir", str(subject),
-                 "--dino-model", str(tmp_path / "dino"), "--clip-model", str(tmp_path / "clip"), "-o", str(out),
+                 "--dino-model", str(tmp_path / "dino"), "--clip-model", str(tmp_path / "clip"), "-o", str(out), "--metric", "paper",
                  "--prompts", str(_prompts(tmp_path)), *ARGS]) == 0  # fmt: skip
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["models"] == {"dino": str(tmp_path / "dino"), "clip": str(tmp_path / "clip")}
@@ -177,9 +191,15 @@ def test_bad_input(run, tmp_path, capsys):
 
 def test_a_missing_metric_model_offline_says_what_to_download(run, tmp_path, capsys):
     folder, subject = run
-    code = main(["evaluate", str(folder), "--subject-dir", str(subject), "-o", str(tmp_path / "o"), *ARGS])
+    code = main(["evaluate", str(folder), "--subject-dir", str(subject), "-o", str(tmp_path / "o"), "--metric",
+                 "paper", *ARGS])  # fmt: skip
     assert code != 0
     assert "booth download facebook/dino-vits16" in error_of(capsys)
+    # --eval-every with the paper's metrics: the towers are looked for before the run folder is made
+    code = main([*TRAIN, "-i", str(subject), "-o", str(tmp_path / "run"), "--eval-metric", "paper"])
+    assert code != 0
+    assert "booth download facebook/dino-vits16" in error_of(capsys)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_class_other_than_the_runs_is_a_warning(run, tmp_path, capsys):
@@ -190,3 +210,71 @@ def test_a_class_other_than_the_runs_is_a_warning(run, tmp_path, capsys):
             "--images-per-prompt", "1", "--steps", "4"]  # fmt: skip
     assert main(args) == 0
     assert "the run was trained with the class prompt 'a star', not on 'circle'" in capsys.readouterr().err
+
+
+def test_eval_every_scores_the_training_and_names_the_best(trained):
+    folder, _, during = trained
+    doc, log = during["doc"], during["log"]
+    scored = {r["step"]: r for r in log if "eval_subject" in r}
+    assert sorted(scored) == [0, 200, 400, 600], "the base before the first step, then every 200 steps"
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 601)), "one line per step, as before"
+    assert [c["name"] for c in doc["checkpoints"]] == ["base", "step-000200", "step-000400", "step-000600"]
+    for c in doc["checkpoints"]:
+        for key in ("subject", "background", "pres", "class", "drift"):
+            value = c["drift"] if key == "drift" else c["scores"][key]
+            assert value == pytest.approx(scored[c["step"]][f"eval_{key}"]), (c["name"], key)
+    assert doc["checkpoints"][0]["drift"] == 1.0, "the base is its own reference"
+    assert doc["best"] != "base"
+    best = Path(during["best"].strip())
+    assert best == folder / "ckpts" / f"{doc['best']}.safetensors" and best.is_file()
+    report = during["report"]
+    assert all(c["name"] in report for c in doc["checkpoints"])
+    assert f'<tr class="checkpoint best" data-name="{doc["best"]}"' in report
+
+
+def test_without_the_prior_the_class_drifts_and_the_log_says_so(trained, tmp_path, capsys):
+    """-l 0: the class prompt's images take on the subject's colours, and the monitor warns; with -l 1 (the
+    fixture's run) they stay closer to the base's."""
+    folder, subject, during = trained
+    args = [
+        *TRAIN,
+        "-i",
+        str(subject),
+        "-o",
+        str(tmp_path),
+        "--class-dir",
+        str(folder.parent.parent / "class"),
+    ]
+    args[args.index("-l") + 1], args[args.index("--iterations") + 1] = "0", "200"
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "booth: warning: step 200: the class is drifting: raise -l or lower the learning rate" in err
+    doc = json.loads((tmp_path / "run0" / "eval" / "metrics.json").read_text())
+    assert any(w.startswith("step-000200: the class is drifting") for w in doc["warnings"])
+    assert "the class is drifting" in (tmp_path / "run0" / "eval" / "report.html").read_text()
+    with_prior = {c["step"]: c["drift"] for c in during["doc"]["checkpoints"]}
+    assert doc["checkpoints"][1]["drift"] < with_prior[200] - 0.1
+
+
+def test_the_demo_report_in_a_browser_agrees_with_the_json(demo_eval):
+    """The report of a real run, opened from disk in headless Chromium: no console error, a row, a plot per
+    metric, the drift curve, every render loaded, the best the JSON names marked. Kept as a screenshot."""
+    doc = json.loads((demo_eval / "metrics.json").read_text())
+    with open_in_browser(demo_eval / "report.html") as (driver, errors):
+        from selenium.webdriver.common.by import By
+
+        assert errors == []
+        rows = driver.find_elements(By.CSS_SELECTOR, "table#metrics tr.checkpoint")
+        assert [r.get_attribute("data-name") for r in rows] == [c["name"] for c in doc["checkpoints"]]
+        assert all(r.is_displayed() for r in rows)
+        best = driver.find_elements(By.CSS_SELECTOR, "table#metrics tr.best")
+        assert [r.get_attribute("data-name") for r in best] == [doc["best"]]
+        plots = driver.find_elements(By.CSS_SELECTOR, "svg.plot")
+        assert [p.get_attribute("data-metric") for p in plots] == doc["keys"]
+        assert all(p.size["width"] > 100 for p in [*plots, driver.find_element(By.CSS_SELECTOR, "svg#drift")])
+        widths = driver.execute_script(
+            "return [...document.querySelectorAll('#grid img')].map(i => i.naturalWidth)"
+        )
+        cells = len(doc["checkpoints"]) * (len(doc["checkpoints"][0]["per_prompt"]) + 1)
+        assert len(widths) == cells and all(w > 0 for w in widths)
+        save_screenshot(driver, "demo-report.png")
