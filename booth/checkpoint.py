@@ -11,6 +11,7 @@ Everything comes out as a state dict in the `LatentDiffusion` layout plus the `M
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import json
 import math
@@ -41,6 +42,8 @@ from .model import build, part_modules, part_of
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 CONFIG_KEY = "booth.config"  # safetensors metadata entry holding a booth-written file's ModelConfig
+# An empty tensor some tools (ComfyUI, kohya) put in a v-prediction model's single file to say so
+V_PRED_KEY = "v_pred"
 
 # Keys of CompVis checkpoints that are not weights of the three networks.
 _SCHEDULE_BUFFERS = {
@@ -323,7 +326,12 @@ def to_layout(
         )
     out = {}
     for k, v in sd.items():
-        if k in _SCHEDULE_BUFFERS or k.startswith("model_ema.") or k.endswith("position_ids"):
+        if (
+            k in _SCHEDULE_BUFFERS
+            or k == V_PRED_KEY
+            or k.startswith("model_ema.")
+            or k.endswith("position_ids")
+        ):
             continue
         if k.startswith(TEXT) and not k.startswith(TEXT + "text_model."):
             k = TEXT + "text_model." + k[len(TEXT) :]
@@ -587,8 +595,24 @@ def diffusers_config(folder: Path) -> ModelConfig:
     if unet.context_dim != clip.width:
         raise BoothError(f"{folder} is not a Stable Diffusion 1.x model (SD2/SDXL are not supported yet)")
     scale = raw["vae"].get("scaling_factor", 0.18215)
-    cfg = ModelConfig(unet=unet, vae=parts["vae"], clip=clip, scale_factor=scale)
+    cfg = ModelConfig(
+        unet=unet, vae=parts["vae"], clip=clip, scale_factor=scale, prediction=_prediction(folder)
+    )
     return checked(cfg, str(folder))
+
+
+_PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v"}  # diffusers' names for booth.config.PREDICTIONS
+
+
+def _prediction(folder: Path) -> str:
+    """What a diffusers model's UNet predicts, from its scheduler's config (eps where there is none)."""
+    path = folder / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return "eps"
+    kind = _json(path).get("prediction_type", "epsilon")
+    if kind not in _PREDICTION_TYPES:
+        raise BoothError(f"{path} says the model predicts {kind!r}; booth runs eps and v_prediction models")
+    return _PREDICTION_TYPES[kind]
 
 
 def _diffusers_unet(u: dict) -> UNetConfig:
@@ -668,8 +692,14 @@ def read_checkpoint(path: str | os.PathLike, ema: bool = False, lazy: bool = Fal
     if looks_like_lora(raw):
         raise not_a_model(path, "lora")
     sd = to_layout(raw, ema=ema, source=str(path))
-    cfg = stored_config(meta, path) if CONFIG_KEY in meta else infer_config(sd, str(path))
+    cfg = stored_config(meta, path) if CONFIG_KEY in meta else _inferred(raw, sd, str(path))
     return Checkpoint(path, cfg, sd, meta)
+
+
+def _inferred(raw: dict, sd: dict, source: str) -> ModelConfig:
+    """A single file's config from its shapes, and from the key that marks a v-prediction model."""
+    cfg = infer_config(sd, source)
+    return dataclasses.replace(cfg, prediction="v") if V_PRED_KEY in raw else cfg
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
@@ -679,7 +709,7 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
         return diffusers_config(path)
     if path.suffix != ".safetensors":
         raw, _ = _read_file(path)
-        return infer_config(to_layout(raw, source=str(path)), str(path))
+        return _inferred(raw, to_layout(raw, source=str(path)), str(path))
     try:
         header, _ = safetensors_header(path)
     except PermissionError:
@@ -688,7 +718,7 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     if CONFIG_KEY in meta:
         return stored_config(meta, path)
     shapes = {k: torch.empty(v["shape"], device="meta") for k, v in header.items() if k != "__metadata__"}
-    return infer_config(to_layout(shapes, source=str(path)), str(path))
+    return _inferred(shapes, to_layout(shapes, source=str(path)), str(path))
 
 
 _ITEMSIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
@@ -778,6 +808,27 @@ def load_part(model, stubs: Mapping[str, Stub | torch.Tensor], part: str, device
     model.load_state_dict(weights, strict=False, assign=True)
     for m in part_modules(model, part):
         m.eval().requires_grad_(False)
+
+
+SAVE_DTYPES = {
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+}  # --save-precision (booth.options.SAVE_PRECISIONS)
+
+
+def convert_to_file(path: Path, out: Path, save_precision: str = "fp16", ema: bool = False,
+                    source: str | None = None) -> Path:  # fmt: skip
+    """`booth convert`: the model at `path` (any format booth reads) as one single file in the CompVis layout,
+    its config in the header; `source` (the spec it was named by) is recorded."""
+    ckpt = read_checkpoint(path, ema=ema)
+    meta = {
+        "booth.source": source or str(path),
+        "booth.source_hash": file_hash(path) if path.is_file() else "",
+    }
+    save_checkpoint(
+        ckpt.state_dict, out, metadata=meta, config=ckpt.config, dtype=SAVE_DTYPES[save_precision]
+    )
+    return out
 
 
 def save_checkpoint(sd: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None,

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from . import __version__
 from .atomic import check_writable, clean_stale, new_run_dir, write_text
+from .config import PREDICTIONS
 from .errors import BoothError
 from .options import (
     CLIP_MODEL,
@@ -82,6 +83,11 @@ SAMPLING = (  # booth.options.Settings
     Flag("--scale", "scale", "classifier-free guidance scale; 1 turns guidance off (default {default})"),
     Flag("--ddim-eta --eta", "eta", "noise of ddim (default 0), euler_a and dpmpp_2m_sde (default 1)"),
     Flag("--clip-skip", "clip_skip", "stop the text encoder N-1 layers early (default {default})"),
+    Flag("--prediction", "prediction", "what the UNet predicts: eps or v (default: what the model records: a "
+                                       "diffusers folder's scheduler config, a v_pred key, booth's own header)",
+         {"choices": PREDICTIONS}),
+    Flag("--cfg-rescale", "cfg_rescale", "guidance rescale phi from 0 to 1 (Lin et al. 2023; 0.7 is usual for v "
+                                         "models; default {default})"),
 )
 JOB = (  # booth.options.Job
     Flag("-p --prompt", "prompt", "what to draw", {"required": True}),
@@ -245,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=run_img2img)
     _dreambooth_parser(sub)
     _merge_parser(sub)
+    _convert_parser(sub)
     _evaluate_parser(sub)
     _train_demo_parser(sub)
     dl = sub.add_parser("download", help="download model weights (or the DreamBench photos) into the Hugging Face "
@@ -297,6 +304,24 @@ def _dreambooth_parser(sub) -> None:
                    f"{', '.join('--' + k.replace('_', '-') for k in TrainConfig.RESUMABLE)} may change)")  # fmt: skip
     add_flags(p, TrainConfig, DREAMBOOTH)
     p.set_defaults(func=run_dreambooth)
+
+
+def _convert_parser(sub) -> None:
+    p = sub.add_parser(
+        "convert", help="write any model booth loads as one single file",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write a model (a diffusers folder, a .ckpt, a .safetensors file, a Hub repo or alias) as one "
+        ".safetensors file\nin the original (CompVis) layout, which booth, AUTOMATIC1111, ComfyUI and diffusers' "
+        "from_single_file load.\n\nexamples:\n  booth convert path/to/diffusers-folder -o model.safetensors\n"
+        "  booth convert sd14 -o sd14.safetensors --save-precision fp32",
+    )  # fmt: skip
+    p.add_argument("model", metavar="MODEL", help="any model txt2img loads")
+    p.add_argument("-o", "--output", required=True, help="the single file to write, a .safetensors file")
+    p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    p.add_argument("--save-precision", choices=SAVE_PRECISIONS, default="fp16",
+                   help="dtype of the written weights (default fp16, a 2 GB file for SD1)")  # fmt: skip
+    p.add_argument("--ema", action="store_true", help="write the file's EMA UNet weights (model_ema.*)")
+    p.set_defaults(func=run_convert)
 
 
 def _merge_parser(sub) -> None:
@@ -519,6 +544,27 @@ def _launch_distributed(n: int, argv: list[str]) -> int:
 
 
 def run_merge(args) -> int:
+    from .lora import merge_to_file, parse_spec, read_specs
+
+    out = _output_file(args, [parse_spec(s)[0] for s in args.lora] + [Path(args.model)], "merge")
+    print(merge_to_file(args.model, read_specs(args.lora), out, args.save_precision, args.ema), flush=True)
+    return 0
+
+
+def run_convert(args) -> int:
+    out = _output_file(args, [Path(args.model)], "conversion")
+
+    from .checkpoint import convert_to_file
+    from .hub import find_model
+
+    found = find_model(args.model, "MODEL")
+    print(convert_to_file(found.path, out, args.save_precision, args.ema, source=args.model), flush=True)
+    return 0
+
+
+def _output_file(args, inputs: list[Path], what: str) -> Path:
+    """--output checked before anything is read: a .safetensors file that is not there (or --force), in a
+    writable folder, and none of the inputs."""
     out = Path(args.output)
     if out.suffix != ".safetensors":
         raise BoothError(f"--output must be a .safetensors file (got {out})")
@@ -527,17 +573,10 @@ def run_merge(args) -> int:
             f"{out} exists; give --force to overwrite it" if out.is_file() else f"{out} is a folder"
         )
     check_writable(out.parent)
-
-    from .lora import merge_to_file, parse_spec, read_specs
-
-    inputs = [parse_spec(s)[0] for s in args.lora] + [Path(args.model)]
     if out.exists() and any(p.exists() and os.path.samefile(p, out) for p in inputs):
-        raise BoothError(
-            f"--output {out} is one of the merge's inputs; write the merged model to another file"
-        )
+        raise BoothError(f"--output {out} is one of the {what}'s inputs; write the {what} to another file")
     clean_stale(out.parent)
-    print(merge_to_file(args.model, read_specs(args.lora), out, args.save_precision, args.ema), flush=True)
-    return 0
+    return out
 
 
 def run_evaluate(args) -> int:

@@ -11,6 +11,9 @@ import json
 import math
 from dataclasses import dataclass, field
 
+# What a UNet can be trained to predict: the noise, or v = alpha * eps - sigma * x0 (Salimans & Ho 2022).
+PREDICTIONS = ("eps", "v")
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -111,6 +114,7 @@ class ModelConfig:
     # defaults to it: a model fine-tuned on other noise than it was trained on learns its subject badly.
     pyramid_noise: float = 0.0
     sample_size: int = 512  # the image side the model was trained at: the default --hw
+    prediction: str = "eps"  # what the UNet predicts (PREDICTIONS): v for SD 2.x 768-v and v fine-tunes
 
     def validate(self) -> None:
         """ValueError for a config no model can be built from (a damaged or hand-edited file's header)."""
@@ -127,6 +131,8 @@ class ModelConfig:
         for name in ("scale_factor", "beta_start", "beta_end", "pyramid_noise"):
             if not isinstance(getattr(self, name), (int, float)) or not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)} (got {self.prediction!r})")
         if not (
             0 < self.beta_start < self.beta_end < 1 and self.scale_factor > 0 and 0 <= self.pyramid_noise <= 1
         ):

@@ -422,12 +422,14 @@ def _csv(scored: Sequence[Scored], scorer) -> str:
 
 
 def table(doc: dict, keys: Sequence[str]) -> str:
-    """The scores as a text table, the best marked."""
-    lines = [f"{'checkpoint':<24}{'step':>7}" + "".join(f"{k:>11}" for k in keys)]
+    """The scores and the drift as a text table, the best marked."""
+
+    def cell(value) -> str:
+        return f"{value:>11.3f}" if value is not None else f"{'-':>11}"
+
+    lines = [f"{'checkpoint':<24}{'step':>7}" + "".join(f"{k:>11}" for k in [*keys, "drift"])]
     for c in doc["checkpoints"]:
-        values = "".join(
-            f"{c['scores'][k]:>11.3f}" if c["scores"].get(k) is not None else f"{'-':>11}" for k in keys
-        )
+        values = "".join(cell(c["scores"].get(k)) for k in keys) + cell(c.get("drift"))
         mark = "  <- best" if c["name"] == doc["best"] else ""
         lines.append(f"{c['name']:<24}{c['step']:>7}{values}{mark}")
     return "\n".join(lines)

@@ -88,6 +88,8 @@ def parameters_text(sd, prompt: str, negative_prompt: str, s: Settings, seed: in
         "Seed": seed, "Size": f"{s.width}x{s.height}", "Model hash": sd.model_hash, "Model": sd.name,
         "Denoising strength": strength, "Eta": s.eta if sampler.eta is not None else None,
         "Clip skip": s.clip_skip if s.clip_skip > 1 else None, "Lora hashes": loras or None,
+        "Prediction": s.prediction if s.prediction not in (None, "eps") else None,
+        "CFG rescale": s.cfg_rescale or None,
         "Version": f"booth {__version__}",
     }  # fmt: skip
     return infotext(prompt, negative_prompt, params)

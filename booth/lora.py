@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .checkpoint import (
+    SAVE_DTYPES,
     TEXT,
     UNET,
     data_hash,
@@ -474,7 +475,7 @@ def merge_to_file(base: str, loras: Sequence[tuple[LoRA, float]], out: Path, sav
     that any SD tool loads like a checkpoint."""
     found = find_model(base, "-m")
     ckpt = read_checkpoint(found.path, ema=ema)
-    dtype = torch.float16 if save_precision == "fp16" else torch.float32
+    dtype = SAVE_DTYPES[save_precision]
     weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt.state_dict.items()}
     merge(weights, loras, ckpt.config, keep=False)
     merged = [{"name": lora.name, "hash": lora.short_hash, "weight": w} for lora, w in loras]

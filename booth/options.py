@@ -21,6 +21,7 @@ from typing import ClassVar
 
 import yaml
 
+from .config import PREDICTIONS
 from .errors import BoothError
 
 
@@ -172,6 +173,8 @@ class Settings:
     height: int | None = None  # None: the model's own size (config.sample_size: 512 for SD1)
     width: int | None = None
     clip_skip: int = 1
+    prediction: str | None = None  # None: what the model says it predicts (ModelConfig.prediction)
+    cfg_rescale: float = 0.0  # Lin et al. 2023's guidance rescale; 0 is plain guidance
 
     def validate(self) -> None:
         check_choice("sampler", self.sampler, SAMPLERS)
@@ -187,6 +190,9 @@ class Settings:
         if self.eta is not None:
             check_number("--eta", self.eta)
         check_int("--clip-skip (CLIP skip)", self.clip_skip, 1)
+        if self.prediction is not None:
+            check_choice("--prediction", self.prediction, PREDICTIONS)
+        check_number("--cfg-rescale", self.cfg_rescale, 0.0, 1.0)
 
     def resolved(self) -> Settings:
         """A copy with the sampler's own schedule and eta filled in where they are left to it."""

@@ -223,8 +223,8 @@ class StableDiffusion:
         else:
             sigmas, x = self._img2img_start(image, generators, sigmas, strength)
         self._use("unet")
-        eps = sampling.EpsDenoiser(self.model.unet, self.schedule, dtype=self.dtype)
-        denoiser = sampling.CFGDenoiser(eps, cond, uncond, s.scale)
+        unet = sampling.PREDICTIONS[s.prediction](self.model.unet, self.schedule, dtype=self.dtype)
+        denoiser = sampling.CFGDenoiser(unet, cond, uncond, s.scale, s.cfg_rescale)
         opts = {} if s.eta is None else {"eta": s.eta}
         info = {"i": -1, "x": x, "sigma": sigmas[0], "sigma_next": sigmas[0], "denoised": x}
         with torch.no_grad():
@@ -300,7 +300,7 @@ def resolve_settings(
     """A copy of `settings` with the sampler's schedule and eta filled in, and the image size where it is not given:
     the model's own (`config.sample_size` squared) or, for an img2img input of `image_size` (w, h), as many pixels
     in the input's aspect ratio, in multiples of 8."""
-    s = settings.resolved()
+    s = dataclasses.replace(settings.resolved(), prediction=settings.prediction or config.prediction)
     check_clip_skip(config, s.clip_skip, name)
     size = config.sample_size
     if image_size is not None and s.height is None and s.width is None:

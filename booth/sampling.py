@@ -196,8 +196,30 @@ class EpsDenoiser:
         s = _expand_like(sigma, x)
         x_in = (x / (s**2 + 1) ** 0.5).to(self.dtype or x.dtype)
         t = self.schedule.sigma_to_t(sigma, quantize=self.quantize)
-        eps = self.model(x_in, t, **cond)
-        return x - s * eps.float()
+        return self.from_output(x, s, self.model(x_in, t, **cond).float())
+
+    # x0 is affine in the model's output, with the same coefficients for every output at one (x, sigma):
+    # guidance can mix denoised outputs, and CFG rescale measure them in the model's own terms.
+    def from_output(self, x: Tensor, s: Tensor, eps: Tensor) -> Tensor:
+        return x - s * eps
+
+    def to_output(self, x: Tensor, s: Tensor, x0: Tensor) -> Tensor:
+        return (x - x0) / s
+
+
+class VDenoiser(EpsDenoiser):
+    """The same for a v-predicting model (Salimans & Ho 2022; SD 2.x 768-v): with ``alpha = 1 / sqrt(1 +
+    sigma**2)`` and ``sigma_vp = sigma * alpha``, ``v = alpha * eps - sigma_vp * x0``, so ``x0 = alpha * x_vp -
+    sigma_vp * v``, which in VE terms is ``x / (1 + sigma**2) - sigma / sqrt(1 + sigma**2) * v``."""
+
+    def from_output(self, x: Tensor, s: Tensor, v: Tensor) -> Tensor:
+        return x / (s**2 + 1) - s / (s**2 + 1) ** 0.5 * v
+
+    def to_output(self, x: Tensor, s: Tensor, x0: Tensor) -> Tensor:
+        return (x / (s**2 + 1) - x0) * (s**2 + 1) ** 0.5 / s
+
+
+PREDICTIONS = {"eps": EpsDenoiser, "v": VDenoiser}  # what a UNet predicts -> its denoiser
 
 
 def _match_batch(context: Tensor, batch: int) -> Tensor:
@@ -211,13 +233,21 @@ def _match_batch(context: Tensor, batch: int) -> Tensor:
 class CFGDenoiser:
     """Classifier-free guidance (Ho & Salimans 2022) around a denoiser taking ``context=``.
 
-    Guidance is applied to the denoised output; since ``x0 = x - sigma * eps`` is affine in eps
-    with the same ``x`` for both halves, this is identical to guiding eps as diffusers does.
+    Guidance is applied to the denoised output; since ``x0`` is affine in the model's output (eps or v)
+    with the same coefficients for both halves, this is identical to guiding the output as diffusers does.
     Conditional and unconditional halves run in one batched call, uncond first (as diffusers).
+
+    ``rescale`` (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", eq. 15-16;
+    diffusers' ``guidance_rescale``) brings the guided output's standard deviation back towards the
+    conditional one's, measured in the model's own output as diffusers does, against the over-exposure strong
+    guidance gives v models.
     """
 
-    def __init__(self, denoiser: Denoiser, cond: Tensor, uncond: Tensor | None, scale: float):
+    def __init__(
+        self, denoiser: Denoiser, cond: Tensor, uncond: Tensor | None, scale: float, rescale: float = 0.0
+    ):
         self.denoiser, self.cond, self.uncond, self.scale = denoiser, cond, uncond, float(scale)
+        self.rescale = float(rescale)
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         b = x.shape[0]
@@ -228,7 +258,18 @@ class CFGDenoiser:
         out_uncond, out_cond = self.denoiser(
             torch.cat([x, x]), torch.cat([sigma, sigma]), context=context
         ).chunk(2)
-        return out_uncond + self.scale * (out_cond - out_uncond)
+        guided = out_uncond + self.scale * (out_cond - out_uncond)
+        return self._rescaled(x.float(), sigma, guided, out_cond) if self.rescale else guided
+
+    def _rescaled(self, x: Tensor, sigma: Tensor, guided: Tensor, cond: Tensor) -> Tensor:
+        s = _expand_like(sigma.to(device=x.device, dtype=torch.float32), x)
+        if not bool((s > 0).all()):
+            return guided  # at sigma 0 the output is the input: nothing to rescale
+        to, back = self.denoiser.to_output, self.denoiser.from_output
+        out, out_cond = to(x, s, guided), to(x, s, cond)
+        dims = list(range(1, x.ndim))
+        rescaled = out * (out_cond.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
+        return back(x, s, self.rescale * rescaled + (1 - self.rescale) * out)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from .atomic import (
     write_text,
 )
 from .checkpoint import (
+    SAVE_DTYPES,
     TEXT,
     UNET,
     NonFiniteWeights,
@@ -93,10 +94,11 @@ def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, n_instance: int, l
     return instance + lamb * prior, instance, prior
 
 
-def min_snr_weights(alphas_cumprod_t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma weighting (Hang et al. 2023) for eps prediction: min(SNR, gamma) / SNR."""
+def min_snr_weights(alphas_cumprod_t: torch.Tensor, gamma: float, prediction: str = "eps") -> torch.Tensor:
+    """Min-SNR-gamma weighting (Hang et al. 2023): min(SNR, gamma) / SNR for eps prediction, / (SNR + 1) for v,
+    whose loss is already (SNR + 1) times the eps loss."""
     snr = alphas_cumprod_t / (1 - alphas_cumprod_t)
-    return snr.clamp(max=gamma) / snr
+    return snr.clamp(max=gamma) / (snr if prediction == "eps" else snr + 1)
 
 
 def pyramid_noise(noise: torch.Tensor, gens, discount: float) -> torch.Tensor:
@@ -117,9 +119,11 @@ def pyramid_noise(noise: torch.Tensor, gens, discount: float) -> torch.Tensor:
     return out / variance**0.5
 
 
-def diffusion_loss(noise_cfg: Noise, x0, gens, context, n_inst, unet, alphas_cumprod, amp, lamb: float = 1.0):
-    """Noise clean latents at random timesteps, predict the noise, and return the DreamBooth loss (the plain
-    diffusion loss when every row is an "instance"). `gens` has one generator per row; `context` (B, L, C)."""
+def diffusion_loss(noise_cfg: Noise, x0, gens, context, n_inst, unet, alphas_cumprod, amp, lamb: float = 1.0,
+                   prediction: str = "eps"):  # fmt: skip
+    """Noise clean latents at random timesteps, predict the noise (or with `prediction` "v", v = sqrt(a) * noise
+    - sqrt(1 - a) * x0), and return the DreamBooth loss (the plain diffusion loss when every row is an
+    "instance"). `gens` has one generator per row; `context` (B, L, C)."""
     device = x0.device
     noise = randn(x0.shape, gens, device)
     if noise_cfg.noise_offset:
@@ -132,8 +136,11 @@ def diffusion_loss(noise_cfg: Noise, x0, gens, context, n_inst, unet, alphas_cum
     noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
     with amp:
         pred = unet(noisy, t.float(), context)
-    weights = min_snr_weights(alphas_cumprod[t], noise_cfg.snr_gamma) if noise_cfg.snr_gamma else None
-    return dreambooth_loss(pred, noise, n_inst, lamb, weights)
+    weights = (
+        min_snr_weights(alphas_cumprod[t], noise_cfg.snr_gamma, prediction) if noise_cfg.snr_gamma else None
+    )
+    target = noise if prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
+    return dreambooth_loss(pred, target, n_inst, lamb, weights)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -347,7 +354,7 @@ def _lossy(cfg: TrainConfig, frozen: torch.dtype) -> bool:
 
 
 def _save_dtype(cfg: TrainConfig) -> torch.dtype:
-    return torch.float16 if cfg.save_precision == "fp16" else torch.float32
+    return SAVE_DTYPES[cfg.save_precision]
 
 
 # ----------------------------------------------------------------------------- class images
@@ -367,7 +374,7 @@ def class_images(cfg: TrainConfig, run: Path, base: Base, dist: Dist) -> list[Pa
     dist.barrier()  # every device has listed the folder before any of them writes to it
     if todo:
         try:
-            _generate_class_images(cfg, folder, todo[dist.rank :: dist.world], base, dist)
+            _generate_class_images(cfg, folder, todo, base, dist)
         except KeyboardInterrupt:
             raise Interrupted(
                 f"stopped while making class images; continue with: booth dreambooth -r {run}"
@@ -385,21 +392,28 @@ def _missing_class_images(cfg: TrainConfig, folder: Path) -> list[int]:
 
 
 def _generate_class_images(cfg: TrainConfig, folder: Path, todo: list[int], base: Base, dist: Dist) -> None:
+    """Image i is rendered in the batch of the indices i // generation_batch_size holds, whichever of them are
+    missing: a batch's arithmetic depends on its size, so a remade image then has the bytes it had. The batches
+    are shared out over the devices."""
     sd, amp = base.sd, autocast(dist.device, base.amp_dtype)
     s = sd.resolve(cfg.sampling())
-    bar = tqdm(total=len(todo), desc=f"class images ({dist.rank})" if dist.world > 1 else "class images",
-               unit="img", file=sys.stderr, disable=not todo)  # fmt: skip
+    gb, wanted = cfg.generation_batch_size, set(todo)
+    blocks = sorted({i // gb for i in todo})[dist.rank :: dist.world]
+    mine = [i for i in todo if i // gb in blocks]
+    bar = tqdm(total=len(mine), desc=f"class images ({dist.rank})" if dist.world > 1 else "class images",
+               unit="img", file=sys.stderr, disable=not mine)  # fmt: skip
     seed0 = cfg.seed + 1_000_000  # keep class-image seeds apart from preview seeds
     with bar:
-        for k in range(0, len(todo), cfg.generation_batch_size):
-            chunk = todo[k : k + cfg.generation_batch_size]
+        for block in blocks:
+            batch = list(range(block * gb, min((block + 1) * gb, cfg.class_img_count)))
             with amp:
-                images = sd.txt2img(cfg.class_text, "", [seed0 + i for i in chunk], s)
-            for i, image in zip(chunk, images):
-                save_png(
-                    image, folder / f"{i:04d}.png", parameters_text(sd, cfg.class_text, "", s, seed0 + i)
-                )
-            bar.update(len(chunk))
+                images = sd.txt2img(cfg.class_text, "", [seed0 + i for i in batch], s)
+            for i, image in zip(batch, images):
+                if i in wanted:
+                    save_png(
+                        image, folder / f"{i:04d}.png", parameters_text(sd, cfg.class_text, "", s, seed0 + i)
+                    )
+            bar.update(len([i for i in batch if i in wanted]))
 
 
 def prefetch(device: torch.device) -> bool:
@@ -581,7 +595,7 @@ class DreamBooth:
         ctx = self.encode_text()  # (2, L, C): instance prompt, class prompt
         context = torch.cat([ctx[:1].expand(n_inst, -1, -1), ctx[1:2].expand(len(x0) - n_inst, -1, -1)])
         loss, inst, prior = diffusion_loss(self.cfg, x0, image_gens, context, n_inst, self.unet, self.alphas_cumprod,
-                                           self.amp, self.cfg.lamb)  # fmt: skip
+                                           self.amp, self.cfg.lamb, self.sd.config.prediction)  # fmt: skip
         return {"loss": loss, "instance_loss": inst, "prior_loss": prior}
 
     def save(self, run: Path, step: int) -> Path:
@@ -856,7 +870,9 @@ def _trace_step(cfg: TrainConfig, model, params: list, amp_dtype, mode, on: torc
                 ctx = _encode(model.text_encoder, ids, amp)
             context = torch.cat([ctx[:1].expand(n, -1, -1), ctx[1:2].expand(rows - n, -1, -1)])
             x0, gens = torch.empty(rows, 4, h // f, w // f), [torch.Generator() for _ in range(rows)]
-            loss = diffusion_loss(cfg, x0, gens, context, n, model.unet, alphas, amp, cfg.lamb)[0]
+            loss = diffusion_loss(
+                cfg, x0, gens, context, n, model.unet, alphas, amp, cfg.lamb, model.config.prediction
+            )[0]
             loss.backward()
             del loss, ctx, context
         for handle in hooks:

@@ -278,3 +278,30 @@ def test_the_demo_report_in_a_browser_agrees_with_the_json(demo_eval):
         cells = len(doc["checkpoints"]) * (len(doc["checkpoints"][0]["per_prompt"]) + 1)
         assert len(widths) == cells and all(w > 0 for w in widths)
         save_screenshot(driver, "demo-report.png")
+
+
+def test_eval_every_carries_on_across_a_resume(trained, tmp_path):
+    """Scored at 0 and 50, resumed to 100 with -r: the base is not scored again, the log and the verdict cover
+    the whole run, and the best is a checkpoint on disk."""
+    folder, subject, _ = trained
+    args = [
+        *TRAIN,
+        "-i",
+        str(subject),
+        "-o",
+        str(tmp_path),
+        "--class-dir",
+        str(folder.parent.parent / "class"),
+    ]
+    args[args.index("--iterations") + 1], args[args.index("--eval-every") + 1] = "50", "50"
+    assert main(args) == 0
+    run = tmp_path / "run0"
+    base = (run / "eval" / "renders" / "base" / "class-0.png").stat().st_mtime_ns
+    assert main(["dreambooth", "-r", str(run), "--iterations", "100"]) == 0
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "eval_subject" in r] == [0, 50, 100]
+    assert (run / "eval" / "renders" / "base" / "class-0.png").stat().st_mtime_ns == base
+    doc = json.loads((run / "eval" / "metrics.json").read_text())
+    assert [c["name"] for c in doc["checkpoints"]] == ["base", "step-000050", "step-000100"]
+    assert all(c["drift"] is not None for c in doc["checkpoints"])
+    assert Path((run / "best.txt").read_text().strip()).name in {"demo", f"{doc['best']}.safetensors"}
