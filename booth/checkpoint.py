@@ -401,6 +401,7 @@ def _infer_unet(sd: dict) -> UNetConfig:
         if p + f"input_blocks.{i}.1.proj_in.weight" in sd and 2**level not in attn:
             attn.append(2**level)
     tb = p + "middle_block.1.transformer_blocks."
+    context = sd[tb + "0.attn2.to_k.weight"].shape[1]
     return UNetConfig(
         in_channels=conv_in.shape[1],
         out_channels=sd[p + "out.2.weight"].shape[0],
@@ -409,7 +410,10 @@ def _infer_unet(sd: dict) -> UNetConfig:
         num_res_blocks=n_res,
         attention_resolutions=tuple(attn),
         transformer_depth=len(_indices(sd, tb)),
-        context_dim=sd[tb + "0.attn2.to_k.weight"].shape[1],
+        context_dim=context,
+        # head counts are not in the shapes: SD 2.x and SDXL (1024- and 2048-wide text) use 64-channel heads
+        num_head_channels=64 if context >= 1024 else None,
+        linear_proj=sd[p + "middle_block.1.proj_in.weight"].ndim == 2,
     )
 
 
@@ -619,6 +623,7 @@ def _diffusers_unet(u: dict) -> UNetConfig:
     boc = _ints(u["block_out_channels"])
     heads = u.get("attention_head_dim", 8)  # diffusers' SD1 configs store the head *count* here
     depth = u.get("transformer_layers_per_block", 1)
+    linear = bool(u.get("use_linear_projection", False))
     return UNetConfig(
         in_channels=u.get("in_channels", 4),
         out_channels=u.get("out_channels", 4),
@@ -632,6 +637,9 @@ def _diffusers_unet(u: dict) -> UNetConfig:
         transformer_depth=depth if isinstance(depth, int) else depth[0],
         context_dim=u.get("cross_attention_dim") or 768,
         norm_groups=u.get("norm_num_groups", 32),
+        # SD 2.x configs list a head count per level, all of one width (64): that width is what booth keeps
+        num_head_channels=boc[0] // heads[0] if linear and not isinstance(heads, int) else None,
+        linear_proj=linear,
     )
 
 

@@ -592,13 +592,7 @@ def run_evaluate(args) -> int:
     check_seeds([args.seed + args.images_per_prompt - 1, args.seed])
     reals = find_images(subject_dir(args.subject_dir), "subject")
     first = Path(args.targets[0])
-    out = (
-        Path(args.output_dir)
-        if args.output_dir
-        else first / "eval"
-        if (first / "ckpts").is_dir()
-        else Path("eval")
-    )
+    out = Path(args.output_dir or (first / "eval" if (first / "ckpts").is_dir() else "eval"))
     check_writable(out)
     custom = _prompt_file(Path(args.prompts)) if args.prompts not in (None, "dreambench") else None
 
@@ -611,21 +605,19 @@ def run_evaluate(args) -> int:
     cands = ev.candidates(args.targets, args.model)
     token, cls = ev.identity(cands, args.cls, args.token)
     metric = args.metric or ev.default_metric(cands[0].row.model)
-    subject = f"{token} {cls}"
-    if custom is not None:
-        prompts = [p.format(subject) if "{}" in p else p for p in custom]
-    elif metric == "demo" and args.prompts is None:
-        prompts = ev.demo_prompts(subject)
-    else:
-        prompts = ev.dreambench_prompts(subject, args.live or cls in ev.LIVE_CLASSES)
+    prompts = ev.prompt_set(f"{token} {cls}", custom, metric if args.prompts is None else "paper",
+                            args.live or cls in ev.LIVE_CLASSES)  # fmt: skip
     texts = [without_identifier(p, token) for p in prompts]
     seeds = list(range(args.seed, args.seed + args.images_per_prompt))
     scorer = (
         ev.DemoScorer(cls) if metric == "demo" else ev.PaperScorer(args.dino_model, args.clip_model, device)
     )
     plan = ev.Plan(prompts, f"a {cls}", seeds, settings)
-    recipe = first / "args.yaml" if (first / "ckpts").is_dir() else None
-    recipe = _read_text(recipe) if recipe is not None and recipe.is_file() else None
+    recipe = (
+        _read_text(first / "args.yaml")
+        if (first / "ckpts").is_dir() and (first / "args.yaml").is_file()
+        else None
+    )
     doc = ev.evaluate(cands, scorer, plan, texts, reals, out, device, dtype, recipe)
     print(ev.table(doc, scorer.keys))
     for warning in doc["warnings"]:

@@ -28,16 +28,30 @@ class UNetConfig:
     transformer_depth: int = 1
     context_dim: int = 768
     norm_groups: int = 32  # GroupNorm groups; small models need fewer so each group spans several channels
+    # SD 2.x and SDXL: heads of this many channels each (num_heads is then unused), and linear proj_in/proj_out
+    # in the spatial transformers (CompVis' use_linear_in_transformer) instead of 1x1 convolutions
+    num_head_channels: int | None = None
+    linear_proj: bool = False
+
+    def heads(self, channels: int) -> int:
+        """The attention heads of a transformer over `channels`."""
+        return channels // self.num_head_channels if self.num_head_channels else self.num_heads
 
     def __post_init__(self):
         # One spelling per config, so configs read from different sources compare equal.
         object.__setattr__(
             self, "attention_resolutions", tuple(sorted(set(self.attention_resolutions), reverse=True))
         )
+        if (
+            self.num_head_channels is not None
+        ):  # num_heads is then unused: its default, whatever a source said
+            object.__setattr__(self, "num_heads", UNetConfig.num_heads)
 
     def validate(self) -> None:
         _positive(self, "in_channels", "out_channels", "model_channels", "num_res_blocks", "num_heads",
                   "transformer_depth", "context_dim", "norm_groups")  # fmt: skip
+        if self.num_head_channels is not None:
+            _positive(self, "num_head_channels")
         _positive_ints("unet.channel_mult", self.channel_mult)
         _positive_ints("unet.attention_resolutions", self.attention_resolutions, allow_empty=True)
         last = len(self.channel_mult) - 1
@@ -48,10 +62,11 @@ class UNetConfig:
                 )
         for level, mult in enumerate(self.channel_mult):  # the middle block attends at the last level
             width = self.model_channels * mult
-            if (2**level in self.attention_resolutions or level == last) and width % self.num_heads:
-                raise ValueError(
-                    f"{self.num_heads} heads do not divide the {width} channels of UNet level {level}"
-                )
+            attends = 2**level in self.attention_resolutions or level == last
+            split = self.num_head_channels or self.num_heads
+            if attends and width % split:
+                what = f"heads of {split} channels" if self.num_head_channels else f"{split} heads"
+                raise ValueError(f"{what} do not divide the {width} channels of UNet level {level}")
 
 
 @dataclass(frozen=True)

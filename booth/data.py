@@ -36,6 +36,8 @@ def find_images(folder: str | Path, what: str = "instance", warn: bool = True) -
     """Readable images of `folder`, sorted; unreadable files are named in a warning and skipped."""
     folder = Path(folder)
     if not folder.is_dir():
+        if folder.exists():
+            raise BoothError(f"the {what} images must be a folder of images; {folder} is a file")
         raise BoothError(f"{what} image folder not found: {folder}")
     good, skipped = readable_images(folder)
     if skipped and warn:

@@ -56,6 +56,14 @@ def dreambench_prompts(subject: str, live: bool) -> list[str]:
     return [p.format(subject) if "{}" in p else f"a {subject} {p}" for p in phrases]
 
 
+def prompt_set(subject: str, custom: Sequence[str] | None, kind: str, live: bool) -> list[str]:
+    """The prompts for `subject` ("sks dog"): a file's (`{}` standing for the subject), the demo's own (`kind`
+    "demo"), or the benchmark's."""
+    if custom is not None:
+        return [p.replace("{}", subject) for p in custom]  # not str.format: a prompt may hold other braces
+    return demo_prompts(subject) if kind == "demo" else dreambench_prompts(subject, live)
+
+
 def demo_prompts(subject: str) -> list[str]:
     """The demo's own: the subject on each background colour."""
     from .shapes import COLORS

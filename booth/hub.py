@@ -52,9 +52,10 @@ class HubTarget:
     repo: str
     filename: str | None = None
     revision: str | None = None
+    kind: str = "diffusers model"  # what a whole-repo target is
 
     def __str__(self) -> str:
-        what = self.filename or "diffusers model"
+        what = self.filename or self.kind
         return f"{self.repo}, {what}" + (f" @ {self.revision}" if self.revision else "")
 
 
@@ -104,7 +105,7 @@ def find_tower(spec: str, flag: str) -> pathlib.Path:
     if local.exists() or not _REPO_RE.fullmatch(spec):
         raise BoothError(f"{flag} {spec}: give a model folder (config.json and {TOWER_WEIGHTS[0]}) or a Hugging "
                          "Face repo OWNER/NAME")  # fmt: skip
-    return _fetch(HubTarget(spec), spec, spec, flag, tower=True)
+    return _fetch(HubTarget(spec, kind="transformers model"), spec, spec, flag, tower=True)
 
 
 def _check_repo_path(path: str) -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 BOS, EOS = 49406, 49407
+PAD_OPENCLIP = 0  # "!": what OpenCLIP pads with after the end token
 CONTEXT_LEN = 77  # BOS + 75 tokens + EOS
 _SPECIAL = {"<|startoftext|>": BOS, "<|endoftext|>": EOS}
 _SPECIAL_SPLIT = re.compile(r"(<\|startoftext\|>|<\|endoftext\|>)")
@@ -196,11 +197,13 @@ class Tokenizer:
         data = bytes(_CHAR_BYTES[c] for c in text.replace("</w>", _BYTE_CHARS[ord(" ")]))
         return data.decode("utf-8", errors="replace").strip()
 
-    def chunks(self, text: str, min_chunks: int = 1, chunk_len: int = 75) -> list[list[int]]:
-        """AUTOMATIC1111-style long prompt: windows of `chunk_len` ids, each as [BOS, *ids, EOS, EOS...].
+    def chunks(self, text: str, min_chunks: int = 1, chunk_len: int = 75, pad: int = EOS) -> list[list[int]]:
+        """AUTOMATIC1111-style long prompt: windows of `chunk_len` ids, each as [BOS, *ids, EOS, pad, pad...].
 
         Every chunk has chunk_len + 2 ids. The word ``BREAK`` closes the current chunk (even an empty one).
-        Chunks of the empty prompt are appended until there are at least `min_chunks`.
+        Chunks of the empty prompt are appended until there are at least `min_chunks`. `pad` is what fills a
+        chunk after its EOS: EOS for SD1's CLIP-L (and SDXL's), `PAD_OPENCLIP` (0, "!") for OpenCLIP's (SD 2.x,
+        SDXL's second encoder), as each model was trained.
         """
         if chunk_len < 1:
             raise ValueError(f"chunk_len must be positive, got {chunk_len}")
@@ -210,13 +213,13 @@ class Tokenizer:
         if last or not windows:  # a trailing BREAK does not open an extra empty chunk
             windows += _windows(last, chunk_len)
         windows += [[]] * (min_chunks - len(windows))
-        return [[BOS, *w, EOS] + [EOS] * (chunk_len - len(w)) for w in windows]
+        return [[BOS, *w, EOS] + [pad] * (chunk_len - len(w)) for w in windows]
 
-    def __call__(self, texts: str | list[str], min_chunks: int = 1) -> torch.Tensor:
+    def __call__(self, texts: str | list[str], min_chunks: int = 1, pad: int = EOS) -> torch.Tensor:
         """Batch of prompts -> int64 tensor (B, 77 * K), K = max(chunks of any text, min_chunks)."""
-        per_text = [self.chunks(t) for t in ([texts] if isinstance(texts, str) else texts)]
+        per_text = [self.chunks(t, pad=pad) for t in ([texts] if isinstance(texts, str) else texts)]
         k = max([min_chunks, *map(len, per_text)])
-        empty = self.chunks("")[0]
+        empty = self.chunks("", pad=pad)[0]
         rows = [[i for c in cs + [empty] * (k - len(cs)) for i in c] for cs in per_text]
         return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), k * CONTEXT_LEN)
 

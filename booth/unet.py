@@ -97,22 +97,33 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, groups: int = 32):
+    """With `linear` (SD 2.x, SDXL) proj_in and proj_out are linear layers over the flattened pixels, as in
+    CompVis' use_linear_in_transformer; else 1x1 convolutions before and after the flattening (SD1)."""
+
+    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, groups: int = 32,
+                 linear: bool = False):  # fmt: skip
         super().__init__()
+        self.linear = linear
         self.norm = group_norm(channels, eps=1e-6, groups=groups)
-        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.proj_in = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth)]
         )
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        y = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # (B, HW, C)
+        y = self.norm(x)
+        y = (
+            self.proj_in(y.flatten(2).transpose(1, 2))
+            if self.linear
+            else self.proj_in(y).flatten(2).transpose(1, 2)
+        )
         for block in self.transformer_blocks:
             y = block(y, context)
-        y = y.transpose(1, 2).reshape(b, c, h, w)
-        return x + self.proj_out(y)
+        if self.linear:
+            return x + self.proj_out(y).transpose(1, 2).reshape(b, c, h, w)
+        return x + self.proj_out(y.transpose(1, 2).reshape(b, c, h, w))
 
 
 class Downsample(nn.Module):
@@ -162,7 +173,9 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
 
         def transformer(ch):
-            return SpatialTransformer(ch, cfg.num_heads, cfg.transformer_depth, cfg.context_dim, g)
+            return SpatialTransformer(
+                ch, cfg.heads(ch), cfg.transformer_depth, cfg.context_dim, g, cfg.linear_proj
+            )
 
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))]

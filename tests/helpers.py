@@ -24,9 +24,14 @@ def ldm_original_config(cfg: ModelConfig) -> dict:
     unet = dict(
         image_size=32, in_channels=u.in_channels, out_channels=u.out_channels, model_channels=u.model_channels,
         attention_resolutions=list(u.attention_resolutions), num_res_blocks=u.num_res_blocks,
-        channel_mult=list(u.channel_mult), num_heads=u.num_heads, transformer_depth=u.transformer_depth,
-        context_dim=u.context_dim, use_linear_in_transformer=False,
+        channel_mult=list(u.channel_mult), transformer_depth=u.transformer_depth,
+        context_dim=u.context_dim, use_linear_in_transformer=u.linear_proj,
     )  # fmt: skip
+    # as the CompVis configs say it: SD1 a head count, SD 2.x a head width (diffusers then derives the counts)
+    if u.num_head_channels:
+        unet["num_head_channels"] = u.num_head_channels
+    else:
+        unet["num_heads"] = u.num_heads
     ddconfig = dict(
         double_z=True, z_channels=v.z_channels, resolution=256, in_channels=v.in_channels, out_ch=v.out_ch,
         ch=v.ch, ch_mult=list(v.ch_mult), num_res_blocks=v.num_res_blocks, attn_resolutions=[], dropout=0.0,

@@ -174,6 +174,10 @@ def test_bad_input(run, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     cases = [
         (["--subject-dir", str(tmp_path / "empty")], "subject image folder .*empty is empty"),
+        (
+            ["--subject-dir", str(sorted(subject.glob("*.png"))[0])],
+            "subject images must be a folder of images",
+        ),
         (["--subject-dir", str(subject), str(tmp_path / "empty")], "has no checkpoints in it"),
         (["--subject-dir", str(subject), "--images-per-prompt", "0"], "--images-per-prompt must be from 1"),
         (["--subject-dir", str(subject), "--prompts", str(tmp_path / "none.txt")], "cannot read .*none.txt"),
@@ -305,3 +309,14 @@ def test_eval_every_carries_on_across_a_resume(trained, tmp_path):
     assert [c["name"] for c in doc["checkpoints"]] == ["base", "step-000050", "step-000100"]
     assert all(c["drift"] is not None for c in doc["checkpoints"])
     assert Path((run / "best.txt").read_text().strip()).name in {"demo", f"{doc['best']}.safetensors"}
+
+
+def test_a_prompt_file_may_hold_other_braces():
+    from booth.evaluate import prompt_set
+
+    assert prompt_set("sks dog", ["a {} {style}", "plain {0} }"], "paper", False) == [
+        "a sks dog {style}",
+        "plain {0} }",
+    ]
+    assert prompt_set("sks dog", None, "paper", True)[15] == "a sks dog wearing a red hat"
+    assert prompt_set("sks star", None, "demo", False)[0] == "a sks star on a red background"

@@ -69,6 +69,28 @@ def test_unet_odd_latent_size_matches_diffusers(tiny):
     check_unet(tiny, size=9, batch=1)
 
 
+# SD 2.x's UNet (issue 13): linear proj_in/proj_out and heads of a fixed width (64 in SD 2.x, 16 here), so each
+# level has its own head count (2 and 4 here), as diffusers builds it from the CompVis config
+SD2_LIKE = dataclasses.replace(
+    TINY,
+    unet=dataclasses.replace(
+        TINY.unet, num_head_channels=16, linear_proj=True, transformer_depth=2, attention_resolutions=(1, 2)
+    ),
+)
+
+
+def test_an_sd2_unet_matches_diffusers():
+    model = random_weights(SD2_LIKE, seed=4).eval()
+    perturb_norms(model)
+    assert model.unet.state_dict()["input_blocks.1.1.proj_in.weight"].ndim == 2, (
+        "linear, as SD 2.x files store it"
+    )
+    assert model.unet.input_blocks[1][1].transformer_blocks[0].attn1.heads == 2
+    assert model.unet.middle_block[1].transformer_blocks[0].attn1.heads == 4
+    check_unet(model)
+    check_unet(model, size=9, batch=1)
+
+
 def test_vae_matches_diffusers(tiny):
     check_vae(tiny)
 
@@ -102,3 +124,23 @@ def test_full_sd1_matches_references():
     check_clip(model)
     check_unet(model, size=8, batch=1)
     check_vae(model, size=16)
+
+
+def test_an_sd2_unet_config_is_read_from_shapes_and_from_diffusers_config():
+    """Single files: linear projections from proj_in's shape, 64-channel heads for 1024-wide text (as ComfyUI
+    and the CompVis configs); diffusers: the per-level head counts of SD 2.x's config."""
+    from booth.checkpoint import _diffusers_unet, _infer_unet
+    from booth.unet import UNetModel
+
+    sd2 = dataclasses.replace(SD1.unet, context_dim=1024, num_head_channels=64, linear_proj=True)
+    with torch.device("meta"):
+        state = {"model.diffusion_model." + k: v for k, v in UNetModel(sd2).state_dict().items()}
+    assert _infer_unet(state) == sd2
+    assert _infer_unet({k: v for k, v in state.items()}).heads(1280) == 20
+    sd2_config = {"block_out_channels": [320, 640, 1280, 1280], "attention_head_dim": [5, 10, 20, 20],
+                  "use_linear_projection": True, "cross_attention_dim": 1024,
+                  "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]}  # fmt: skip
+    assert _diffusers_unet(sd2_config) == sd2
+    sd1_list = {**sd2_config, "attention_head_dim": [8, 8, 8, 8], "use_linear_projection": False,
+                "cross_attention_dim": 768}  # fmt: skip
+    assert _diffusers_unet(sd1_list) == SD1.unet, "a list of head counts without linear projections is SD1's"

@@ -162,3 +162,24 @@ def test_batch_call(tok):
     assert batch[2].tolist() == EMPTY * 2
     assert tok(["a red cat"], min_chunks=3).shape == (1, 231)
     assert tok([]).shape == (0, 77)
+
+
+def test_openclip_padding_is_sd2s_tokenizer(tok, tmp_path):
+    """SD 2.x's tokenizer (diffusers' stable-diffusion-2 folders: pad_token "!") pads with 0 after the end token,
+    as OpenCLIP trained; booth's pad=PAD_OPENCLIP gives those ids, and SD1's padding is unchanged. (A "!" in
+    the prompt itself differs: transformers then reads it as the pad token, 0, where OpenCLIP's own tokenizer,
+    and booth, give the word's id, 256.)"""
+    from helpers import write_clip_tokenizer
+    from transformers import CLIPTokenizer
+
+    from booth.tokenizer import PAD_OPENCLIP
+
+    write_clip_tokenizer(tmp_path)
+    sd2 = CLIPTokenizer.from_pretrained(tmp_path, unk_token="<|endoftext|>", model_max_length=77,
+                                        bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="!")  # fmt: skip
+    assert sd2.pad_token_id == PAD_OPENCLIP == 0
+    prompts = ["a photo of an astronaut riding a horse", "", "sks dog, oil painting."]
+    theirs = sd2(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(tok(prompts, pad=PAD_OPENCLIP), theirs)
+    assert (tok(prompts)[1, 2:] == EOS).all(), "SD1 pads with the end token"
+    assert tok("wow!", pad=PAD_OPENCLIP)[0, 2] == 256 != sd2("wow!").input_ids[2]

@@ -1,0 +1,79 @@
+"""OpenCLIP's text transformer: SD 2.x's text encoder (ViT-H/14, `cond_stage_model.model.*`) and SDXL's second
+one (ViT-bigG/14, `conditioner.embedders.1.model.*`).
+
+Attribute names are OpenCLIP's own, which are how those checkpoints store it, so a file loads with `strict=True`
+and no renaming: `token_embedding`, `positional_embedding`, `transformer.resblocks.N.{ln_1, attn, ln_2,
+mlp.c_fc, mlp.c_proj}`, `ln_final`, `text_projection`. The attention is torch's own `nn.MultiheadAttention`,
+whose fused `in_proj_weight` (q, k and v stacked) is what OpenCLIP saves.
+
+Both models condition on an earlier layer than the last: SD 2.x on the penultimate layer's output through the
+final norm, SDXL on the penultimate layer's output as it is (`hidden`), and SDXL's pooled embedding is the final
+layer's, final-normed, at each prompt's end token, through `text_projection` (`pooled`).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from .config import CLIPConfig
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width: int, heads: int, intermediate: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, intermediate), gelu=nn.GELU(),
+                                             c_proj=nn.Linear(intermediate, width)))  # fmt: skip
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.resblocks = nn.ModuleList(
+            [ResidualAttentionBlock(cfg.width, cfg.heads, cfg.intermediate) for _ in range(cfg.layers)]
+        )
+
+
+class OpenCLIPText(nn.Module):
+    """Token ids (B, 77) -> hidden states (B, 77, width), and the pooled, projected embedding (B, projection)."""
+
+    def __init__(self, cfg: CLIPConfig, projection: int):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.max_positions, cfg.width))
+        self.transformer = Transformer(cfg)
+        self.ln_final = nn.LayerNorm(cfg.width)
+        self.text_projection = nn.Parameter(torch.empty(cfg.width, projection))
+
+    def layers(self, ids: torch.Tensor, skip: int = 0) -> torch.Tensor:
+        """The output of the transformer without its last `skip` layers (no final norm)."""
+        n = ids.shape[1]
+        x = self.token_embedding(ids) + self.positional_embedding[:n]
+        # causal, as CLIP was trained; a float mask (as OpenCLIP builds it), so any dtype works
+        mask = torch.full((n, n), float("-inf"), device=ids.device, dtype=x.dtype).triu(1)
+        for block in self.transformer.resblocks[: len(self.transformer.resblocks) - skip]:
+            x = block(x, mask)
+        return x
+
+    def hidden(self, ids: torch.Tensor, skip: int = 1, final_norm: bool = False) -> torch.Tensor:
+        """The conditioning: the penultimate layer's output (`skip` 1), through the final norm if `final_norm`
+        (SD 2.x) or as it is (SDXL)."""
+        x = self.layers(ids, skip)
+        return self.ln_final(x) if final_norm else x
+
+    def pooled(self, ids: torch.Tensor, eos: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-normed last layer at each row's end token (the first `eos` id; by default the largest id,
+        which CLIP's tokenizer gives the end token), through `text_projection`."""
+        x = self.ln_final(self.layers(ids))
+        where = ids.argmax(-1) if eos is None else (ids == eos).int().argmax(-1)
+        return x[torch.arange(len(ids), device=ids.device), where] @ self.text_projection
