@@ -41,6 +41,7 @@ from .formats import (
 from .model import build, part_modules, part_of
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+OPENCLIP = "cond_stage_model.model."  # SD 2.x's text encoder (booth.model.text_prefix)
 CONFIG_KEY = "booth.config"  # safetensors metadata entry holding a booth-written file's ModelConfig
 # An empty tensor some tools (ComfyUI, kohya) put in a v-prediction model's single file to say so
 V_PRED_KEY = "v_pred"
@@ -52,6 +53,8 @@ _SCHEDULE_BUFFERS = {
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
     "logvar", "lvlb_weights",
 }  # fmt: skip
+# What SD 2.x files keep of OpenCLIP beyond its text tower: CLIP's contrastive temperature, used by no sampler
+_OPENCLIP_EXTRAS = {"cond_stage_model.model.logit_scale", "cond_stage_model.model.attn_mask"}
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -320,14 +323,15 @@ def to_layout(
 ) -> dict[str, torch.Tensor]:
     """Normalise a single-file state dict to the LatentDiffusion layout: drop non-weights, pick EMA or not,
     insert the `text_model.` level that some old files lack, and reshape linear VAE attention weights."""
-    if any(k.startswith(("conditioner.embedders", "cond_stage_model.model.")) for k in sd):
+    if any(k.startswith("conditioner.embedders") for k in sd):
         raise BoothError(
-            f"{source} is an SDXL or SD2 checkpoint; booth supports Stable Diffusion 1.x for now"
+            f"{source} is an SDXL checkpoint; booth supports Stable Diffusion 1.x and 2.x for now"
         )
     out = {}
     for k, v in sd.items():
         if (
             k in _SCHEDULE_BUFFERS
+            or k in _OPENCLIP_EXTRAS
             or k == V_PRED_KEY
             or k.startswith("model_ema.")
             or k.endswith("position_ids")
@@ -362,11 +366,14 @@ def _use_ema(out: dict, sd: dict, source: str) -> None:
 def infer_config(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> ModelConfig:
     """Recover the ModelConfig from tensor shapes (as ComfyUI does). Head counts are not visible in shapes:
     SD1 conventions are used (8 UNet heads, CLIP heads of width 64)."""
+    openclip = any(k.startswith(OPENCLIP) for k in sd)
     try:
-        cfg = ModelConfig(unet=_infer_unet(sd), vae=_infer_vae(sd), clip=_infer_clip(sd))
+        clip = _infer_openclip(sd) if openclip else _infer_clip(sd)
+        cfg = ModelConfig(unet=_infer_unet(sd), vae=_infer_vae(sd), clip=clip,
+                          text_encoder="openclip" if openclip else "clip")  # fmt: skip
     except KeyError as e:
         raise BoothError(
-            f"{source} is not a Stable Diffusion 1.x checkpoint: it has no {e.args[0]}"
+            f"{source} is not a Stable Diffusion 1.x or 2.x checkpoint: it has no {e.args[0]}"
         ) from None
     return checked(cfg, source)
 
@@ -442,6 +449,21 @@ def _infer_clip(sd: dict) -> CLIPConfig:
         heads=max(1, width // 64),
         intermediate=sd[p + "encoder.layers.0.mlp.fc1.weight"].shape[0],
         max_positions=sd[p + "embeddings.position_embedding.weight"].shape[0],
+    )
+
+
+def _infer_openclip(sd: dict) -> CLIPConfig:
+    """SD 2.x's OpenCLIP ViT-H text tower (its heads are 64 channels wide, as in every OpenCLIP model)."""
+    vocab, width = sd[OPENCLIP + "token_embedding.weight"].shape
+    return CLIPConfig(
+        vocab_size=vocab,
+        width=width,
+        layers=len(_indices(sd, OPENCLIP + "transformer.resblocks.")),
+        heads=max(1, width // 64),
+        intermediate=sd[OPENCLIP + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        max_positions=sd[OPENCLIP + "positional_embedding"].shape[0],
+        act="gelu",
+        projection=sd[OPENCLIP + "text_projection"].shape[1],
     )
 
 
@@ -594,10 +616,14 @@ def diffusers_config(folder: Path) -> ModelConfig:
             what = f"has no {e.args[0]!r}" if isinstance(e, KeyError) else f"has an impossible value ({e})"
             raise BoothError(f"{path} {what}; is it a diffusers Stable Diffusion config?") from None
         if name == "unet" and c.get("use_linear_projection"):
-            raise BoothError(f"{folder} is not a Stable Diffusion 1.x model (SD2/SDXL are not supported yet)")
+            raise BoothError(
+                f"{folder} is an SD 2.x or SDXL diffusers folder, which booth does not read yet (it reads SD 2.x single files)"
+            )
     unet, clip = parts["unet"], parts["text_encoder"]
     if unet.context_dim != clip.width:
-        raise BoothError(f"{folder} is not a Stable Diffusion 1.x model (SD2/SDXL are not supported yet)")
+        raise BoothError(
+            f"{folder} is an SD 2.x or SDXL diffusers folder, which booth does not read yet (it reads SD 2.x single files)"
+        )
     scale = raw["vae"].get("scaling_factor", 0.18215)
     cfg = ModelConfig(
         unet=unet, vae=parts["vae"], clip=clip, scale_factor=scale, prediction=_prediction(folder)

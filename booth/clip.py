@@ -103,7 +103,12 @@ class CLIPTextModel(nn.Module):
 
     def encode_chunks(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
         """(B, 77*K) ids of K chunks -> (B, 77*K, width): each chunk encoded on its own, then concatenated."""
-        n = self.text_model.embeddings.position_embedding.num_embeddings
-        b, length = ids.shape
-        x = self(ids.reshape(b * length // n, n), clip_skip)
-        return x.reshape(b, length, -1)
+        return encode_chunks(
+            self, ids, self.text_model.embeddings.position_embedding.num_embeddings, clip_skip
+        )
+
+
+def encode_chunks(encoder: nn.Module, ids: torch.Tensor, n: int, clip_skip: int = 1) -> torch.Tensor:
+    """(B, n*K) ids of K chunks of `n` -> (B, n*K, width), each chunk through `encoder` on its own."""
+    b, length = ids.shape
+    return encoder(ids.reshape(b * length // n, n), clip_skip).reshape(b, length, -1)

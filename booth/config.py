@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 # What a UNet can be trained to predict: the noise, or v = alpha * eps - sigma * x0 (Salimans & Ho 2022).
 PREDICTIONS = ("eps", "v")
+TEXT_ENCODERS = ("clip", "openclip")
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ class CLIPConfig:
     intermediate: int = 3072
     max_positions: int = 77
     act: str = "quick_gelu"
+    projection: int = 0  # OpenCLIP's text_projection width (SD 2.x: 1024); 0 for SD1's CLIP-L, which has none
 
     def validate(self) -> None:
         _positive(self, "vocab_size", "width", "layers", "heads", "intermediate", "max_positions")
@@ -130,6 +132,9 @@ class ModelConfig:
     pyramid_noise: float = 0.0
     sample_size: int = 512  # the image side the model was trained at: the default --hw
     prediction: str = "eps"  # what the UNet predicts (PREDICTIONS): v for SD 2.x 768-v and v fine-tunes
+    text_encoder: str = (
+        "clip"  # TEXT_ENCODERS: SD1's CLIP-L (transformers' names), or SD 2.x's OpenCLIP ViT-H
+    )
 
     def validate(self) -> None:
         """ValueError for a config no model can be built from (a damaged or hand-edited file's header)."""
@@ -146,6 +151,12 @@ class ModelConfig:
         for name in ("scale_factor", "beta_start", "beta_end", "pyramid_noise"):
             if not isinstance(getattr(self, name), (int, float)) or not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number")
+        if self.text_encoder not in TEXT_ENCODERS:
+            raise ValueError(
+                f"text_encoder must be one of {', '.join(TEXT_ENCODERS)} (got {self.text_encoder!r})"
+            )
+        if self.text_encoder == "openclip" and self.clip.projection < 1:
+            raise ValueError("an OpenCLIP text encoder needs its projection width (clip.projection)")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)} (got {self.prediction!r})")
         if not (

@@ -12,6 +12,7 @@ from torch import nn
 
 from .clip import CLIPTextModel
 from .config import ModelConfig
+from .openclip import OpenCLIPText
 from .unet import UNetModel
 from .vae import AutoencoderKL
 
@@ -23,8 +24,11 @@ class LatentDiffusion(nn.Module):
         self.model = nn.Module()  # CompVis DiffusionWrapper
         self.model.diffusion_model = UNetModel(cfg.unet)
         self.first_stage_model = AutoencoderKL(cfg.vae)
-        self.cond_stage_model = nn.Module()  # CompVis FrozenCLIPEmbedder
-        self.cond_stage_model.transformer = CLIPTextModel(cfg.clip)
+        self.cond_stage_model = nn.Module()  # CompVis FrozenCLIPEmbedder, or SD 2.x's FrozenOpenCLIPEmbedder
+        if cfg.text_encoder == "openclip":
+            self.cond_stage_model.model = OpenCLIPText(cfg.clip, cfg.clip.projection)
+        else:
+            self.cond_stage_model.transformer = CLIPTextModel(cfg.clip)
 
     @property
     def unet(self) -> UNetModel:
@@ -35,8 +39,19 @@ class LatentDiffusion(nn.Module):
         return self.first_stage_model
 
     @property
-    def text_encoder(self) -> CLIPTextModel:
-        return self.cond_stage_model.transformer
+    def text_encoder(self) -> CLIPTextModel | OpenCLIPText:
+        return getattr(self.cond_stage_model, TEXT_ATTRIBUTE[self.config.text_encoder])
+
+
+TEXT_ATTRIBUTE = {
+    "clip": "transformer",
+    "openclip": "model",
+}  # under cond_stage_model, by config.text_encoder
+
+
+def text_prefix(cfg: ModelConfig) -> str:
+    """Where the text encoder's weights are in a checkpoint: cond_stage_model.transformer. (SD1) or .model."""
+    return f"cond_stage_model.{TEXT_ATTRIBUTE[cfg.text_encoder]}."
 
 
 # The networks a pipeline loads and frees on their own, by the state-dict prefixes of their weights: the VAE's

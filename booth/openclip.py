@@ -18,6 +18,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from .clip import encode_chunks
 from .config import CLIPConfig
 
 
@@ -54,6 +55,18 @@ class OpenCLIPText(nn.Module):
         self.transformer = Transformer(cfg)
         self.ln_final = nn.LayerNorm(cfg.width)
         self.text_projection = nn.Parameter(torch.empty(cfg.width, projection))
+        # OpenCLIP's own initialisation of the two bare parameters (the layers bring theirs)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=cfg.width**-0.5)
+
+    def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        """SD 2.x's conditioning: the penultimate layer's output through the final norm; `clip_skip` N stops
+        N layers before the last (1, SD 2.x's own, is the penultimate)."""
+        return self.hidden(ids, clip_skip, final_norm=True)
+
+    def encode_chunks(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        """(B, 77*K) ids of K chunks -> (B, 77*K, width): each chunk encoded on its own, then concatenated."""
+        return encode_chunks(self, ids, self.positional_embedding.shape[0], clip_skip)
 
     def layers(self, ids: torch.Tensor, skip: int = 0) -> torch.Tensor:
         """The output of the transformer without its last `skip` layers (no final norm)."""

@@ -24,7 +24,7 @@ from .images import load_image, to_pil, to_tensor
 from .lora import LoRA, merge, restore
 from .model import PARTS, LatentDiffusion, build, part_modules, part_of
 from .options import Settings, check_seeds, check_strength, check_text
-from .tokenizer import get_tokenizer
+from .tokenizer import EOS, PAD_OPENCLIP, get_tokenizer
 
 __all__ = ["Settings", "StableDiffusion", "resolve_settings", "steps_to_run"]
 
@@ -159,7 +159,7 @@ class StableDiffusion:
         key = (prompts, negatives, clip_skip)
         if self._cache.get("prompt", (None,))[0] == key:
             return self._cache["prompt"][1]
-        ids = self.tokenizer(prompts + negatives).to(self.device)  # one batch, so all share K
+        ids = self.tokenize(prompts + negatives)  # one batch, so all share K
         self._use("text_encoder")
         emb = self.model.text_encoder.encode_chunks(ids, clip_skip)
         self._release("text_encoder")
@@ -196,6 +196,11 @@ class StableDiffusion:
         if self._stubs is not None:
             self._cache["image"] = (image.detach().clone(), out)
         return out
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Token ids on the device, padded as the model's text encoder was trained (OpenCLIP's with 0)."""
+        pad = PAD_OPENCLIP if self.config.text_encoder == "openclip" else EOS
+        return self.tokenizer(texts, pad=pad).to(self.device)
 
     def resolve(self, settings: Settings, image_size: tuple[int, int] | None = None) -> Settings:
         return resolve_settings(self.config, settings, image_size, self.name)

@@ -49,7 +49,6 @@ from .atomic import (
 )
 from .checkpoint import (
     SAVE_DTYPES,
-    TEXT,
     UNET,
     NonFiniteWeights,
     file_hash,
@@ -68,6 +67,7 @@ from .hub import find_model
 from .images import parameters_text, save_png
 from .lora import adapter_state, add_lora, kohya_metadata, load_adapter_state, save_lora
 from .memory import available_bytes, format_gb
+from .model import text_prefix
 from .optim import Adafactor, AdamW, StepInBackward
 from .options import FUSED_FP16, WEIGHT_DECAY, Loop, Noise, Settings, TrainConfig
 from .pipeline import StableDiffusion
@@ -261,6 +261,9 @@ def preflight(cfg: TrainConfig, out: Path | None, warn: bool = True):
     are there (with a warning, if `warn`, naming the files that are not), the class folder is a folder, and a new
     run has somewhere to go."""
     found = find_model(cfg.model, "-m")
+    if cfg.lora and cfg.lora_text_encoder and read_config(found.path).text_encoder == "openclip":
+        raise BoothError("--lora-text-encoder is not built for SD 2.x's OpenCLIP text encoder yet; leave it out "
+                         "(the UNet's LoRA trains), or train the whole text encoder with -t instead of --lora")  # fmt: skip
     find_images(cfg.instance_dir, "instance", warn=warn)
     if (
         cfg.eval_every and eval_metric(cfg, found.path) == "paper"
@@ -564,7 +567,7 @@ class DreamBooth:
 
     def _prompts(self, dist: Dist) -> Callable[[], torch.Tensor]:
         """The instance and class prompts' embeddings (2, L, C): encoded once, unless the text encoder trains."""
-        ids = self.sd.tokenizer([self.cfg.instance_text, self.cfg.class_text]).to(dist.device)
+        ids = self.sd.tokenize([self.cfg.instance_text, self.cfg.class_text]).to(dist.device)
         if self.cfg.train_text_encoder or (self.cfg.lora and self.cfg.lora_text_encoder):
             text_encoder = _wrap_ddp(self.model.text_encoder, dist, self.cfg.fused_backward)
             return lambda: _encode(text_encoder, ids, self.amp)
@@ -689,12 +692,12 @@ def save_model(path: Path, model, cfg: TrainConfig, meta: dict, file: dict) -> P
     """A complete SD1 single file in the CompVis layout. `file` describes the base file: its dtypes, and its
     frozen tensors when the copies on the device were rounded below them."""
     dtype = _save_dtype(cfg)
-    sd = {UNET + k: v for k, v in model.unet.state_dict().items()}
+    sd, text = {UNET + k: v for k, v in model.unet.state_dict().items()}, text_prefix(model.config)
     trained_te = cfg.train_text_encoder
     if trained_te:
-        sd.update({TEXT + k: v for k, v in model.text_encoder.state_dict().items()})
+        sd.update({text + k: v for k, v in model.text_encoder.state_dict().items()})
     dtypes = dict.fromkeys(sd, dtype)
-    frozen = [("first_stage_model.", model.vae)] + ([] if trained_te else [(TEXT, model.text_encoder)])
+    frozen = [("first_stage_model.", model.vae)] + ([] if trained_te else [(text, model.text_encoder)])
     for prefix, module in frozen:  # untouched networks: the base's values, never stored above its precision
         for k, v in module.state_dict().items():
             k = prefix + k

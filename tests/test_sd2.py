@@ -1,0 +1,127 @@
+"""SD 2.x (issue 13): a model with OpenCLIP's text encoder (`cond_stage_model.model.*`) and SD 2.x's UNet loads
+from a single file with strict=True, and gives the images of diffusers' StableDiffusionPipeline built from the
+same file by diffusers' own converters; its config is read from an SD 2.x file's shapes."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from helpers import diffusers_unet, diffusers_vae, perturb_norms, write_clip_tokenizer
+
+from booth.checkpoint import infer_config, read_checkpoint, save_checkpoint, to_layout
+from booth.cli import main
+from booth.config import SD1, TINY, CLIPConfig, ModelConfig
+from booth.model import build, random_weights
+from booth.pipeline import Settings, StableDiffusion
+
+TEXT = CLIPConfig(width=64, layers=3, heads=4, intermediate=256, act="gelu", projection=48)
+SD2_TINY = ModelConfig(
+    unet=dataclasses.replace(TINY.unet, context_dim=64, num_head_channels=16, linear_proj=True,
+                             attention_resolutions=(1, 2)),
+    vae=TINY.vae, clip=TEXT, text_encoder="openclip",
+)  # fmt: skip
+PROMPT, NEGATIVE, SEED, STEPS = "a photo of a red circle on a blue background", "blurry", 7, 8
+
+
+@pytest.fixture(scope="module")
+def sd2(tmp_path_factory):
+    model = random_weights(SD2_TINY, seed=6).eval()
+    perturb_norms(model)
+    path = tmp_path_factory.mktemp("sd2") / "sd2.safetensors"
+    extras = {"cond_stage_model.model.logit_scale": torch.tensor(4.6)}  # as SD 2.x files carry it
+    save_checkpoint({**model.state_dict(), **extras}, path, config=SD2_TINY, dtype=torch.float32)
+    return path, model
+
+
+def diffusers_sd2(model, tmp):
+    """diffusers' pipeline of the same weights: its UNet and VAE from its single-file converters, its text
+    encoder a CLIPTextModel of one layer less (SD 2.x conditions on the penultimate layer, which diffusers' SD 2.x
+    folders make the last) from diffusers' OpenCLIP converter, its tokenizer padding with "!" (0)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from helpers import SD_SCHEDULER
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    config = CLIPTextConfig(hidden_size=TEXT.width, num_hidden_layers=TEXT.layers - 1, num_attention_heads=TEXT.heads,
+                            intermediate_size=TEXT.intermediate, hidden_act="gelu", vocab_size=TEXT.vocab_size,
+                            max_position_embeddings=77)  # fmt: skip
+    text = CLIPTextModel(config)
+    converted = convert_open_clip_checkpoint(text, model.state_dict(), prefix="cond_stage_model.model.")
+    if not any(k.startswith("text_model.") for k in text.state_dict()):  # transformers 5 flattened the model
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    missing, unexpected = text.load_state_dict(converted, strict=False)
+    assert all("position_ids" in k for k in missing), missing
+    assert all(f"layers.{TEXT.layers - 1}." in k or "text_projection" in k for k in unexpected), unexpected
+    write_clip_tokenizer(tmp)
+    tokenizer = CLIPTokenizer.from_pretrained(tmp, unk_token="<|endoftext|>", model_max_length=77,
+                                              bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="!")  # fmt: skip
+    pipe = StableDiffusionPipeline(vae=diffusers_vae(model), text_encoder=text.eval(), tokenizer=tokenizer,
+                                   unet=diffusers_unet(model), scheduler=DDIMScheduler(**SD_SCHEDULER),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_an_sd2_file_loads_strictly_under_the_original_names(sd2):
+    path, model = sd2
+    ckpt = read_checkpoint(path)
+    assert ckpt.config == SD2_TINY
+    assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in ckpt.state_dict
+    assert "cond_stage_model.model.logit_scale" not in ckpt.state_dict, "CLIP's temperature is not a weight"
+    built = build(SD2_TINY, device="cpu")
+    built.load_state_dict(ckpt.state_dict, strict=True)
+
+
+def test_sd2_images_equal_diffusers(sd2, tmp_path):
+    path, model = sd2
+    gens = [torch.Generator().manual_seed(SEED + i) for i in range(2)]
+    theirs = diffusers_sd2(model, tmp_path / "tok")(
+        prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=7.5, height=32, width=48,
+        generator=gens, num_images_per_prompt=2, output_type="np",
+    ).images  # fmt: skip
+    sd = StableDiffusion.from_pretrained(str(path))
+    settings = Settings(steps=STEPS, sampler="ddim", schedule="uniform", height=32, width=48)
+    images = sd.txt2img(PROMPT, NEGATIVE, [SEED, SEED + 1], settings)
+    ours = np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])
+    diff = np.abs(ours - theirs)
+    assert diff.max() <= 2 / 255 and diff.mean() < 1e-3, f"max {diff.max() * 255:.1f}/255"
+
+
+def test_the_cli_renders_an_sd2_file(sd2, tmp_path, capsys):
+    path, _ = sd2
+    assert main(["txt2img", "-c", str(path), "-p", PROMPT, "--hw", "32", "32", "--steps", "2", "--seed", "1",
+                 "-o", str(tmp_path)]) == 0  # fmt: skip
+    assert capsys.readouterr().out.split() == [str(tmp_path / "run0" / "samples" / "0000.png")]
+
+
+def test_an_sd2_config_is_read_from_the_shapes_of_a_full_size_file():
+    """SD 2.x's published shapes (on the meta device): OpenCLIP ViT-H (1024 wide, 24 layers, 16 heads, a 1024
+    projection), a UNet of linear projections and 64-channel heads attending to 1024-wide text."""
+    text = CLIPConfig(width=1024, layers=24, heads=16, intermediate=4096, act="gelu", projection=1024)
+    unet = dataclasses.replace(SD1.unet, context_dim=1024, num_head_channels=64, linear_proj=True)
+    sd2 = dataclasses.replace(SD1, unet=unet, clip=text, text_encoder="openclip")
+    with torch.device("meta"):
+        state = build(sd2).state_dict()
+    state["cond_stage_model.model.logit_scale"] = torch.empty((), device="meta")
+    assert infer_config(to_layout(state)) == sd2
+
+
+def test_dreambooth_on_an_sd2_file_saves_a_file_that_loads_back(sd2, tmp_path, capsys):
+    """Two steps of the whole UNet and the text encoder (-t): the checkpoint is an SD 2.x file in the original
+    layout, its trained text encoder under cond_stage_model.model.; LoRA on the OpenCLIP encoder is refused."""
+    from helpers import dreambooth_argv, error_of
+
+    path, model = sd2
+    fast = ["--hw", "32", "32", "--class-img-count", "2", "--gb", "2", "--ddim-steps", "2", "--iterations", "2",
+            "--save-precision", "fp32"]  # fmt: skip
+    assert main(dreambooth_argv(path, tmp_path / "o", *fast, "-t")) == 0
+    ckpt = read_checkpoint(tmp_path / "o" / "run0" / "ckpts" / "step-000002.safetensors")
+    assert ckpt.config == SD2_TINY
+    key = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"
+    assert not torch.equal(ckpt.state_dict[key], model.state_dict()[key]), "the text encoder trained"
+    build(SD2_TINY, device="cpu").load_state_dict(ckpt.state_dict, strict=True)
+    capsys.readouterr()
+    assert main(dreambooth_argv(path, tmp_path / "l", *fast, "--lora", "4", "--lora-text-encoder")) == 1
+    assert "--lora-text-encoder is not built for SD 2.x" in error_of(capsys)
+    assert not (tmp_path / "l").exists()
