@@ -383,6 +383,9 @@ def test_unknown_spec_lists_aliases():
 
 def test_parse_rules():
     assert hub.parse("sd14") == hub.HubTarget(SD14_REPO, SD14_FILE)
+    # the published SD 2.1 512 file (stabilityai's repo, its safetensors variant)
+    sd21 = hub.HubTarget("stabilityai/stable-diffusion-2-1-base", "v2-1_512-ema-pruned.safetensors")
+    assert hub.parse("sd21-base") == sd21
     assert hub.parse("o/n") == hub.HubTarget("o/n")
     assert hub.parse("o/n/a/b.ckpt") == hub.HubTarget("o/n", "a/b.ckpt")
     url = "https://huggingface.co/o/n/resolve/refs%2Fpr%2F3/a/b.safetensors"
