@@ -460,13 +460,6 @@ def training_prompts(subject: str, cls: str, metric: str) -> list[str]:
     return dreambench_prompts(subject, cls in LIVE_CLASSES)[::5]
 
 
-def split_prompt(instance: str, klass: str) -> tuple[str, str]:
-    """(identifier, class) from a run's prompts: "a sks dog" and "a dog" give ("sks", "dog")."""
-    class_words = [w for w in klass.split() if w != "a"]
-    extra = [w for w in instance.split() if w not in class_words and w != "a"]
-    return (extra[0] if extra else ""), (class_words[-1] if class_words else klass)
-
-
 class Monitor:
     """--eval-every: the weights being trained, rendered over a small prompt set at fixed seeds and scored as
     `booth evaluate` scores checkpoints. The renders and each step's scores go to RUN/eval/renders/NAME/; the means
@@ -495,7 +488,8 @@ class Monitor:
         s.drift = drift(self.scorer, klass, base, self.real) if all(p.is_file() for p in base) else None
         if s.drift is not None and s.drift < self.scorer.drift_threshold:
             print(f"booth: warning: {drift_warning(f'step {step}', s.drift, self.scorer)}", file=sys.stderr)
-        record = {"step": step, "scores": _finite(s.scores), "drift": s.drift, "per_prompt": s.per_prompt}
+        record = {"step": step, "scores": _finite(s.scores), "drift": s.drift,
+                  "per_prompt": [_finite(r) for r in s.per_prompt]}  # fmt: skip
         write_text(folder / "scores.json", json.dumps(record, indent=1, allow_nan=False))
         return {
             f"eval_{k}": v

@@ -265,10 +265,8 @@ def preflight(cfg: TrainConfig, out: Path | None, warn: bool = True):
         raise BoothError("--lora-text-encoder is not built for SD 2.x's OpenCLIP text encoder yet; leave it out "
                          "(the UNet's LoRA trains), or train the whole text encoder with -t instead of --lora")  # fmt: skip
     find_images(cfg.instance_dir, "instance", warn=warn)
-    if (
-        cfg.eval_every and eval_metric(cfg, found.path) == "paper"
-    ):  # the towers, before any run folder is made
-        from .hub import find_tower
+    if cfg.eval_every and eval_metric(cfg, found.path) == "paper":
+        from .hub import find_tower  # the towers are found (or fetched) before any run folder is made
 
         find_tower(cfg.dino_model, "--dino-model")
         find_tower(cfg.clip_model, "--clip-model")
