@@ -189,7 +189,7 @@ def ticks(lo: float, hi: float, integer: bool = False, n: int = 4) -> list[float
     """About `n` round tick values (1, 2 or 5 times a power of ten apart) that span [lo, hi]."""
     if hi <= lo and integer:  # the base model alone: steps start at 0, so widen upwards only
         hi = lo + 1
-    elif hi <= lo:  # one value, or all equal: give the axis some room around it
+    elif hi - lo <= 1e-9 * max(1.0, abs(lo), abs(hi)):  # one value, or all (nearly) equal: room around it
         pad = 1.0 if lo == 0 else abs(lo) * 0.1
         lo, hi = lo - pad, hi + pad
     raw = (hi - lo) / n

@@ -243,7 +243,8 @@ def test_nothing_to_show_still_writes(tmp_path):
 
 
 @pytest.mark.parametrize("lo,hi,integer", [(0, 800, True), (0.61, 0.84, False), (0.5, 0.5, False), (0, 0, True),
-                                           (-0.02, 0.013, False), (0, 3, True)])  # fmt: skip
+                                           (-0.02, 0.013, False), (0, 3, True), (0.5, 0.5 + 1e-12, False),
+                                           (0, 1e-12, False)])  # fmt: skip
 def test_ticks_are_round_and_span_the_data(lo, hi, integer):
     t = ticks(lo, hi, integer)
     assert 2 <= len(t) <= 7 and t[0] <= lo and t[-1] >= hi
@@ -292,3 +293,13 @@ def test_report_in_a_browser(tmp_path):
         (tmp_path / "remote.html").write_text('<img src="https://example.com/a.png">')
         driver.get((tmp_path / "remote.html").as_uri())
         assert any("a.png" in e["message"] or "ERR_" in e["message"] for e in console_errors(driver))
+
+
+def test_scores_equal_but_for_rounding_still_plot(tmp_path):
+    """Two checkpoints whose scores differ in the 12th digit (the same model twice): the axis gets room instead
+    of a zero-height range."""
+    doc = {"checkpoints": [{"name": n, "path": n, "step": s, "scores": {"dino": 0.5 + d}, "per_prompt": []}
+                           for n, s, d in (("base", 0, 0.0), ("step-000100", 100, 1e-12))],
+           "best": "base", "rule": "r", "keys": ["dino"]}  # fmt: skip
+    html = write_report(doc, tmp_path / "r.html").read_text(encoding="utf-8")
+    assert 'data-metric="dino"' in html and "nan" not in html.lower()
