@@ -27,6 +27,7 @@ from . import __version__
 from .atomic import check_writable, clean_stale, new_run_dir, write_text
 from .config import PREDICTIONS
 from .errors import BoothError
+from .hub import ALIASES
 from .options import (
     CLIP_MODEL,
     DINO_MODEL,
@@ -255,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     _evaluate_parser(sub)
     _train_demo_parser(sub)
     dl = sub.add_parser("download", help="download model weights (or the DreamBench photos) into the Hugging Face "
-                        "cache", description="Download weights: an alias (sd15, sd14), a repo id, or a repo id and a "
+                        "cache", description=f"Download weights: an alias ({', '.join(ALIASES)}), a repo id, or a repo id and a "
                         "file; or `dreambench`, the DreamBooth benchmark's subject photos (for booth evaluate "
                         "--subject-dir dreambench:SUBJECT).")  # fmt: skip
     dl.add_argument("spec", nargs="?", default=None, help="alias, OWNER/NAME or dreambench (default sd15)")
@@ -270,7 +271,7 @@ def _render_flags(p: argparse.ArgumentParser, hw_help: str) -> None:
     p.add_argument("--hw", nargs=2, type=int, metavar=("H", "W"), default=None, help=hw_help)
     p.add_argument("-c", "--ckpt-path", metavar="MODEL", default=None,
                    help="checkpoint: .safetensors/.ckpt file, diffusers folder, Hugging Face repo id or alias "
-                        "(sd15, sd14, demo), or a folder of checkpoints to compare (default sd15)")  # fmt: skip
+                        f"({', '.join(ALIASES)}, demo), or a folder of checkpoints to compare (default sd15)")  # fmt: skip
     p.add_argument("-m", "--model", default=None,
                    help="same as -c/--ckpt-path; with -c FOLDER of LoRA files: the base model they are applied to")  # fmt: skip
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
