@@ -317,12 +317,18 @@ def _convert_parser(sub) -> None:
         "  booth convert sd14 -o sd14.safetensors --save-precision fp32",
     )  # fmt: skip
     p.add_argument("model", metavar="MODEL", help="any model txt2img loads")
-    p.add_argument("-o", "--output", required=True, help="the single file to write, a .safetensors file")
+    _single_file_flags(p, "the single file to write, a .safetensors file",
+                       "write the file's EMA UNet weights (model_ema.*)", "a 2 GB file for SD1")  # fmt: skip
+    p.set_defaults(func=run_convert)
+
+
+def _single_file_flags(p: argparse.ArgumentParser, output: str, ema: str, size: str) -> None:
+    """What merge and convert share: the file they write (checked by `_output_file`), its dtype, the EMA choice."""
+    p.add_argument("-o", "--output", required=True, help=output)
     p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
     p.add_argument("--save-precision", choices=SAVE_PRECISIONS, default="fp16",
-                   help="dtype of the written weights (default fp16, a 2 GB file for SD1)")  # fmt: skip
-    p.add_argument("--ema", action="store_true", help="write the file's EMA UNet weights (model_ema.*)")
-    p.set_defaults(func=run_convert)
+                   help=f"dtype of the written weights (default fp16, {size})")  # fmt: skip
+    p.add_argument("--ema", action="store_true", help=ema)
 
 
 def _merge_parser(sub) -> None:
@@ -339,11 +345,8 @@ def _merge_parser(sub) -> None:
     p.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]",
                    help="a LoRA file (kohya/A1111, diffusers or peft) and its weight (default 1, from -10 to 10); "
                         "repeat to merge several")  # fmt: skip
-    p.add_argument("-o", "--output", required=True, help="the merged model, a .safetensors file")
-    p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
-    p.add_argument("--save-precision", choices=SAVE_PRECISIONS, default="fp16",
-                   help="dtype of the written weights (default fp16, a 2 GB file)")  # fmt: skip
-    p.add_argument("--ema", action="store_true", help="use the base file's EMA UNet weights (model_ema.*)")
+    _single_file_flags(p, "the merged model, a .safetensors file",
+                       "use the base file's EMA UNet weights (model_ema.*)", "a 2 GB file")  # fmt: skip
     p.set_defaults(func=run_merge)
 
 

@@ -41,6 +41,11 @@ def trained(tmp_path_factory):
     return folder, tmp / "subject", during
 
 
+def train_args(folder: Path, subject: Path, out: Path) -> list[str]:
+    """Another run of TRAIN on the fixture's subject and class images, into `out`."""
+    return [*TRAIN, "-i", str(subject), "-o", str(out), "--class-dir", str(folder.parent.parent / "class")]
+
+
 @pytest.fixture(scope="module")
 def run(trained):
     return trained[:2]
@@ -240,15 +245,7 @@ def test_without_the_prior_the_class_drifts_and_the_log_says_so(trained, tmp_pat
     """-l 0: the class prompt's images take on the subject's colours, and the monitor warns; with -l 1 (the
     fixture's run) they stay closer to the base's."""
     folder, subject, during = trained
-    args = [
-        *TRAIN,
-        "-i",
-        str(subject),
-        "-o",
-        str(tmp_path),
-        "--class-dir",
-        str(folder.parent.parent / "class"),
-    ]
+    args = train_args(folder, subject, tmp_path)
     args[args.index("-l") + 1], args[args.index("--iterations") + 1] = "0", "200"
     assert main(args) == 0
     err = capsys.readouterr().err
@@ -288,15 +285,7 @@ def test_eval_every_carries_on_across_a_resume(trained, tmp_path):
     """Scored at 0 and 50, resumed to 100 with -r: the base is not scored again, the log and the verdict cover
     the whole run, and the best is a checkpoint on disk."""
     folder, subject, _ = trained
-    args = [
-        *TRAIN,
-        "-i",
-        str(subject),
-        "-o",
-        str(tmp_path),
-        "--class-dir",
-        str(folder.parent.parent / "class"),
-    ]
+    args = train_args(folder, subject, tmp_path)
     args[args.index("--iterations") + 1], args[args.index("--eval-every") + 1] = "50", "50"
     assert main(args) == 0
     run = tmp_path / "run0"
