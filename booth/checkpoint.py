@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_path
-from .config import CLIPConfig, ModelConfig, UNetConfig, VAEConfig
+from .config import SDXL, CLIPConfig, ModelConfig, UNetConfig, VAEConfig
 from .errors import BoothError, first_line
 from .formats import (
     PICKLE_SUFFIXES,
@@ -42,6 +42,7 @@ from .model import build, part_modules, part_of
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 OPENCLIP = "cond_stage_model.model."  # SD 2.x's text encoder (booth.model.text_prefix)
+SDXL_CLIP, SDXL_OPENCLIP = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
 CONFIG_KEY = "booth.config"  # safetensors metadata entry holding a booth-written file's ModelConfig
 # An empty tensor some tools (ComfyUI, kohya) put in a v-prediction model's single file to say so
 V_PRED_KEY = "v_pred"
@@ -53,8 +54,10 @@ _SCHEDULE_BUFFERS = {
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
     "logvar", "lvlb_weights",
 }  # fmt: skip
-# What SD 2.x files keep of OpenCLIP beyond its text tower: CLIP's contrastive temperature, used by no sampler
-_OPENCLIP_EXTRAS = {"cond_stage_model.model.logit_scale", "cond_stage_model.model.attn_mask"}
+# What SD 2.x and SDXL files keep beyond the networks: OpenCLIP's contrastive temperature and its causal mask,
+# and SGM's table of the training sigmas (the schedule comes from the config), used by no sampler
+_EXTRAS = {OPENCLIP + "logit_scale", OPENCLIP + "attn_mask", SDXL_OPENCLIP + "logit_scale",
+           SDXL_OPENCLIP + "attn_mask", "denoiser.sigmas"}  # fmt: skip
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -70,6 +73,7 @@ class Checkpoint:
     config: ModelConfig
     state_dict: dict[str, torch.Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
+    vae: Path | None = None  # a VAE put in place of the file's own (use_vae)
 
     @property
     def name(self) -> str:
@@ -323,22 +327,19 @@ def to_layout(
 ) -> dict[str, torch.Tensor]:
     """Normalise a single-file state dict to the LatentDiffusion layout: drop non-weights, pick EMA or not,
     insert the `text_model.` level that some old files lack, and reshape linear VAE attention weights."""
-    if any(k.startswith("conditioner.embedders") for k in sd):
-        raise BoothError(
-            f"{source} is an SDXL checkpoint; booth supports Stable Diffusion 1.x and 2.x for now"
-        )
     out = {}
     for k, v in sd.items():
         if (
             k in _SCHEDULE_BUFFERS
-            or k in _OPENCLIP_EXTRAS
+            or k in _EXTRAS
             or k == V_PRED_KEY
             or k.startswith("model_ema.")
             or k.endswith("position_ids")
         ):
             continue
-        if k.startswith(TEXT) and not k.startswith(TEXT + "text_model."):
-            k = TEXT + "text_model." + k[len(TEXT) :]
+        for text in (TEXT, SDXL_CLIP):
+            if k.startswith(text) and not k.startswith(text + "text_model."):
+                k = text + "text_model." + k[len(text) :]
         if k.startswith(VAE) and re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$", k) and v.ndim == 2:
             v = v[:, :, None, None]
         out[k] = v
@@ -366,14 +367,19 @@ def _use_ema(out: dict, sd: dict, source: str) -> None:
 def infer_config(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> ModelConfig:
     """Recover the ModelConfig from tensor shapes (as ComfyUI does). Head counts are not visible in shapes:
     SD1 conventions are used (8 UNet heads, CLIP heads of width 64)."""
-    openclip = any(k.startswith(OPENCLIP) for k in sd)
     try:
-        clip = _infer_openclip(sd) if openclip else _infer_clip(sd)
-        cfg = ModelConfig(unet=_infer_unet(sd), vae=_infer_vae(sd), clip=clip,
-                          text_encoder="openclip" if openclip else "clip")  # fmt: skip
+        if any(k.startswith("conditioner.") for k in sd):
+            cfg = ModelConfig(unet=_infer_unet(sd), vae=_infer_vae(sd), clip=_infer_clip(sd, SDXL_CLIP),
+                              clip2=_infer_openclip(sd, SDXL_OPENCLIP), text_encoder="sdxl",
+                              scale_factor=SDXL.scale_factor, sample_size=SDXL.sample_size)  # fmt: skip
+        elif any(k.startswith(OPENCLIP) for k in sd):
+            cfg = ModelConfig(unet=_infer_unet(sd), vae=_infer_vae(sd), clip=_infer_openclip(sd, OPENCLIP),
+                              text_encoder="openclip")  # fmt: skip
+        else:
+            cfg = ModelConfig(unet=_infer_unet(sd), vae=_infer_vae(sd), clip=_infer_clip(sd, TEXT))
     except KeyError as e:
         raise BoothError(
-            f"{source} is not a Stable Diffusion 1.x or 2.x checkpoint: it has no {e.args[0]}"
+            f"{source} is not a Stable Diffusion 1.x, 2.x or XL checkpoint: it has no {e.args[0]}"
         ) from None
     return checked(cfg, source)
 
@@ -396,19 +402,21 @@ def _infer_unet(sd: dict) -> UNetConfig:
     p = UNET
     conv_in = sd[p + "input_blocks.0.0.weight"]
     mc = conv_in.shape[0]
-    mults, attn, level, n_res = [], [], 0, 0
+    mults, attn, depths, level, n_res = [], [], [], 0, 0
     for i in _indices(sd, p + "input_blocks.")[1:]:
         if p + f"input_blocks.{i}.0.op.weight" in sd:
             level += 1
             continue
         if level == len(mults):
             mults.append(sd[p + f"input_blocks.{i}.0.in_layers.2.weight"].shape[0] // mc)
+            depths.append(len(_indices(sd, p + f"input_blocks.{i}.1.transformer_blocks.")))
             n_res = 0
         n_res += 1
         if p + f"input_blocks.{i}.1.proj_in.weight" in sd and 2**level not in attn:
             attn.append(2**level)
     tb = p + "middle_block.1.transformer_blocks."
     context = sd[tb + "0.attn2.to_k.weight"].shape[1]
+    label = sd.get(p + "label_emb.0.0.weight")
     return UNetConfig(
         in_channels=conv_in.shape[1],
         out_channels=sd[p + "out.2.weight"].shape[0],
@@ -416,11 +424,13 @@ def _infer_unet(sd: dict) -> UNetConfig:
         channel_mult=tuple(mults),
         num_res_blocks=n_res,
         attention_resolutions=tuple(attn),
-        transformer_depth=len(_indices(sd, tb)),
+        transformer_depth=tuple(depths),
+        transformer_depth_middle=len(_indices(sd, tb)),
         context_dim=context,
         # head counts are not in the shapes: SD 2.x and SDXL (1024- and 2048-wide text) use 64-channel heads
         num_head_channels=64 if context >= 1024 else None,
         linear_proj=sd[p + "middle_block.1.proj_in.weight"].ndim == 2,
+        adm_in_channels=0 if label is None else label.shape[1],
     )
 
 
@@ -439,8 +449,8 @@ def _infer_vae(sd: dict) -> VAEConfig:
     )
 
 
-def _infer_clip(sd: dict) -> CLIPConfig:
-    p = TEXT + "text_model."
+def _infer_clip(sd: dict, prefix: str) -> CLIPConfig:
+    p = prefix + "text_model."
     vocab, width = sd[p + "embeddings.token_embedding.weight"].shape
     return CLIPConfig(
         vocab_size=vocab,
@@ -452,18 +462,20 @@ def _infer_clip(sd: dict) -> CLIPConfig:
     )
 
 
-def _infer_openclip(sd: dict) -> CLIPConfig:
-    """SD 2.x's OpenCLIP ViT-H text tower (its heads are 64 channels wide, as in every OpenCLIP model)."""
-    vocab, width = sd[OPENCLIP + "token_embedding.weight"].shape
+def _infer_openclip(sd: dict, prefix: str) -> CLIPConfig:
+    """OpenCLIP's text tower, SD 2.x's ViT-H or SDXL's bigG (its heads are 64 channels wide, as in every OpenCLIP
+    model)."""
+    p = prefix
+    vocab, width = sd[p + "token_embedding.weight"].shape
     return CLIPConfig(
         vocab_size=vocab,
         width=width,
-        layers=len(_indices(sd, OPENCLIP + "transformer.resblocks.")),
+        layers=len(_indices(sd, p + "transformer.resblocks.")),
         heads=max(1, width // 64),
-        intermediate=sd[OPENCLIP + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-        max_positions=sd[OPENCLIP + "positional_embedding"].shape[0],
+        intermediate=sd[p + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        max_positions=sd[p + "positional_embedding"].shape[0],
         act="gelu",
-        projection=sd[OPENCLIP + "text_projection"].shape[1],
+        projection=sd[p + "text_projection"].shape[1],
     )
 
 
@@ -490,7 +502,8 @@ def _unet_rules(u: UNetConfig) -> list:
          (P + "input_blocks.0.0.", "unet:conv_in.", {}), (P + "out.0.", "unet:conv_norm_out.", {}),
          (P + "out.2.", "unet:conv_out.", {}), (P + "middle_block.0.", "unet:mid_block.resnets.0.", _RESNET),
          (P + "middle_block.1.", "unet:mid_block.attentions.0.", {}),
-         (P + "middle_block.2.", "unet:mid_block.resnets.1.", _RESNET)]  # fmt: skip
+         (P + "middle_block.2.", "unet:mid_block.resnets.1.", _RESNET),
+         (P + "label_emb.0.0.", "unet:add_embedding.linear_1.", {}), (P + "label_emb.0.2.", "unet:add_embedding.linear_2.", {})]  # fmt: skip
     for i in range(levels):
         has_attn = 2**i in u.attention_resolutions
         for j in range(n):
@@ -705,6 +718,52 @@ def _strs(values) -> list[str]:
     if not isinstance(values, list) or not all(isinstance(x, str) for x in values):
         raise ValueError(f"expected a list of block names, got {values!r}")
     return values
+
+
+# ----------------------------------------------------------------------------- a VAE of its own
+
+_VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")  # a bare VAE file's top-level names
+
+
+def use_vae(ckpt: Checkpoint, path: str | os.PathLike, lazy: bool = False) -> None:
+    """Put the VAE of `path` in place of `ckpt`'s own (--vae): a VAE file in the original layout (AUTOMATIC1111's
+    `*.vae.safetensors`, `vae-ft-mse-840000-ema-pruned.ckpt`), with or without `first_stage_model.`, the VAE of a
+    whole model file, or a diffusers VAE (a folder, or its `diffusion_pytorch_model.safetensors`). Its weights are
+    checked against the model's before anything is read."""
+    path = Path(path)
+    if path.is_dir():
+        raw = _read_component(path / "vae" if (path / "vae").is_dir() else path, lazy)
+    else:
+        raw = _read_file(path, lazy)[0]
+    expected = {k: v for k, v in build(ckpt.config).state_dict().items() if k.startswith(VAE)}
+    vae = _vae_layout(raw, ckpt.config)
+    missing = [k for k in expected if k not in vae]
+    wrong = [k for k in expected if k in vae and vae[k].shape != expected[k].shape]
+    if missing or wrong:
+        what = f"no {missing[0]}" if missing else f"{wrong[0]} of shape {tuple(vae[wrong[0]].shape)}"
+        raise BoothError(
+            f"{path} is not a VAE for {ckpt.name} ({what}); give a VAE of the model's family with --vae"
+        )
+    ckpt.state_dict.update({k: vae[k] for k in expected})
+    ckpt.vae = path
+
+
+def _vae_layout(raw: dict, cfg: ModelConfig) -> dict:
+    """A VAE's weights in any of use_vae's layouts -> under first_stage_model. as LatentDiffusion names them."""
+    if any(k.startswith(VAE) for k in raw):
+        return to_layout({k: v for k, v in raw.items() if k.startswith(VAE)})
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in raw):  # diffusers' names
+        for old, new in _OLD_VAE_ATTN.items():
+            raw = {k.replace(f".attentions.0.{old}", f".attentions.0.{new}"): v for k, v in raw.items()}
+        rules, out = _vae_rules(cfg.vae), {}
+        for key, meta in build(cfg).state_dict().items():
+            if (
+                key.startswith(VAE)
+                and (t := raw.get(diffusers_name(key, rules).split(":", 1)[1])) is not None
+            ):
+                out[key] = t.reshape(meta.shape) if t.shape != meta.shape and t.numel() == meta.numel() else t
+        return out
+    return to_layout({VAE + k: v for k, v in raw.items() if k.startswith(_VAE_PARTS)})
 
 
 # ----------------------------------------------------------------------------- entry points

@@ -27,7 +27,7 @@ from . import __version__
 from .atomic import check_writable, clean_stale, new_run_dir, write_text
 from .config import PREDICTIONS
 from .errors import BoothError
-from .hub import ALIASES
+from .hub import ALIASES, VAE_ALIASES
 from .options import (
     CLIP_MODEL,
     DINO_MODEL,
@@ -90,6 +90,8 @@ SAMPLING = (  # booth.options.Settings
     Flag("--cfg-rescale", "cfg_rescale", "guidance rescale phi from 0 to 1 (Lin et al. 2023; 0.7 is usual for v "
                                          "models; default {default})"),
 )
+VAE_HELP = ("a VAE instead of the model's own: a file (original or diffusers layout), a diffusers VAE folder, "
+            f"OWNER/NAME/FILE on the Hub, or {', '.join(VAE_ALIASES)} (SDXL in fp16)")
 JOB = (  # booth.options.Job
     Flag("-p --prompt", "prompt", "what to draw", {"required": True}),
     Flag("-n --negative-prompt", "negative_prompt", "what to steer away from"),
@@ -97,6 +99,7 @@ JOB = (  # booth.options.Job
     Flag("-b --batch-size", "batch_size", "images per forward pass (default {default})"),
     Flag("--seed", "seed", "seed of the first image (default: random)"),
     Flag("--ema", "ema", "use the file's EMA UNet weights (model_ema.*)"),
+    Flag("--vae", "vae", VAE_HELP),
 )
 IMG2IMG = (  # booth.options.Job
     Flag("-i --image", "image", "input image (any format Pillow reads)", {"required": True}),
@@ -106,6 +109,7 @@ DREAMBOOTH = (  # booth.options.TrainConfig
     Flag("-c --class-name", "class_name", "the subject's class, e.g. dog (required unless -r)"),
     Flag("-i --instance-img-dir", "instance_dir", "folder with 3-5 photos of the subject (required unless -r)"),
     Flag("-m --model", "model", "base weights, any format txt2img loads (default {default})"),
+    Flag("--vae", "vae", VAE_HELP + "; the checkpoints keep it"),
     Flag("--token", "token", "the rare token naming the subject (default {default})"),
     Flag("--instance-prompt", "instance_prompt", "default 'a TOKEN CLASS'"),
     Flag("--class-prompt", "class_prompt", "default 'a CLASS'"),

@@ -95,20 +95,13 @@ class CLIPTextModel(nn.Module):
 
     def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
         """`clip_skip=2` stops one layer early ("CLIP skip" in AUTOMATIC1111), still applying the final norm."""
+        return self.hidden(ids, clip_skip - 1, final_norm=True)
+
+    def hidden(self, ids: torch.Tensor, skip: int = 1, final_norm: bool = False) -> torch.Tensor:
+        """The output without the last `skip` layers, through the final norm if `final_norm`; SDXL conditions
+        on the penultimate layer's as it is (`skip` 1)."""
         tm = self.text_model
         x = tm.embeddings(ids)
-        for layer in tm.encoder.layers[: len(tm.encoder.layers) - (clip_skip - 1)]:
+        for layer in tm.encoder.layers[: len(tm.encoder.layers) - skip]:
             x = layer(x)
-        return tm.final_layer_norm(x)
-
-    def encode_chunks(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
-        """(B, 77*K) ids of K chunks -> (B, 77*K, width): each chunk encoded on its own, then concatenated."""
-        return encode_chunks(
-            self, ids, self.text_model.embeddings.position_embedding.num_embeddings, clip_skip
-        )
-
-
-def encode_chunks(encoder: nn.Module, ids: torch.Tensor, n: int, clip_skip: int = 1) -> torch.Tensor:
-    """(B, n*K) ids of K chunks of `n` -> (B, n*K, width), each chunk through `encoder` on its own."""
-    b, length = ids.shape
-    return encoder(ids.reshape(b * length // n, n), clip_skip).reshape(b, length, -1)
+        return tm.final_layer_norm(x) if final_norm else x

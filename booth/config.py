@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 
 # What a UNet can be trained to predict: the noise, or v = alpha * eps - sigma * x0 (Salimans & Ho 2022).
 PREDICTIONS = ("eps", "v")
-TEXT_ENCODERS = ("clip", "openclip")
+# SD1's CLIP-L, SD 2.x's OpenCLIP ViT-H, or SDXL's two (CLIP-L and OpenCLIP ViT-bigG, concatenated)
+TEXT_ENCODERS = ("clip", "openclip", "sdxl")
+SIZE_FEATURES = 256  # SDXL embeds each of its six size numbers with this many sinusoidal features
 
 
 @dataclass(frozen=True)
@@ -26,17 +28,30 @@ class UNetConfig:
     # Downsampling factors (1, 2, 4, ...) of the levels that get a spatial transformer.
     attention_resolutions: tuple[int, ...] = (4, 2, 1)
     num_heads: int = 8
-    transformer_depth: int = 1
+    # Transformer blocks per spatial transformer: one number, or one per level (SDXL: 0, 2, 10; a level
+    # without attention counts 0); the middle block's is transformer_depth_middle, by default the last level's.
+    transformer_depth: int | tuple[int, ...] = 1
+    transformer_depth_middle: int | None = None
     context_dim: int = 768
     norm_groups: int = 32  # GroupNorm groups; small models need fewer so each group spans several channels
     # SD 2.x and SDXL: heads of this many channels each (num_heads is then unused), and linear proj_in/proj_out
     # in the spatial transformers (CompVis' use_linear_in_transformer) instead of 1x1 convolutions
     num_head_channels: int | None = None
     linear_proj: bool = False
+    # SDXL: the width of the vector `y` (pooled text and size features) that label_emb adds to the time
+    # embedding (CompVis' adm_in_channels with num_classes "sequential"); 0 for none
+    adm_in_channels: int = 0
 
     def heads(self, channels: int) -> int:
         """The attention heads of a transformer over `channels`."""
         return channels // self.num_head_channels if self.num_head_channels else self.num_heads
+
+    def depth(self, level: int | None) -> int:
+        """The transformer blocks at a level of the UNet (`None`: the middle block)."""
+        d = self.transformer_depth
+        if level is None:
+            return self.transformer_depth_middle or (d if isinstance(d, int) else d[-1])
+        return d if isinstance(d, int) else d[level]
 
     def __post_init__(self):
         # One spelling per config, so configs read from different sources compare equal.
@@ -47,12 +62,37 @@ class UNetConfig:
             self.num_head_channels is not None
         ):  # num_heads is then unused: its default, whatever a source said
             object.__setattr__(self, "num_heads", UNetConfig.num_heads)
+        self._canonical_depths()
+
+    def _canonical_depths(self) -> None:
+        """One spelling of the depths: 0 at levels without attention, the middle's None when it is the default
+        (the last level's), and one number when every transformer has the same."""
+        d, middle = self.transformer_depth, self.transformer_depth_middle
+        d = tuple(d) if isinstance(d, list) else d
+        if type(d) is int and middle == d:
+            object.__setattr__(self, "transformer_depth_middle", None)
+        if not (isinstance(d, tuple) and len(d) == len(self.channel_mult) and all(type(v) is int for v in d)):
+            return  # validate() says what is wrong
+        middle = d[-1] if middle is None else middle  # CompVis' default, before levels are zeroed
+        d = tuple(v if 2**i in self.attention_resolutions else 0 for i, v in enumerate(d))
+        used = {v for i, v in enumerate(d) if 2**i in self.attention_resolutions}
+        if used <= {middle}:
+            d, middle = middle, None
+        elif middle == d[-1]:
+            middle = None
+        object.__setattr__(self, "transformer_depth", d)
+        object.__setattr__(self, "transformer_depth_middle", middle)
 
     def validate(self) -> None:
         _positive(self, "in_channels", "out_channels", "model_channels", "num_res_blocks", "num_heads",
-                  "transformer_depth", "context_dim", "norm_groups")  # fmt: skip
+                  "context_dim", "norm_groups")  # fmt: skip
         if self.num_head_channels is not None:
             _positive(self, "num_head_channels")
+        if self.transformer_depth_middle is not None:
+            _positive(self, "transformer_depth_middle")
+        if self.adm_in_channels:
+            _positive(self, "adm_in_channels")
+        self._validate_depth()
         _positive_ints("unet.channel_mult", self.channel_mult)
         _positive_ints("unet.attention_resolutions", self.attention_resolutions, allow_empty=True)
         last = len(self.channel_mult) - 1
@@ -68,6 +108,19 @@ class UNetConfig:
             if attends and width % split:
                 what = f"heads of {split} channels" if self.num_head_channels else f"{split} heads"
                 raise ValueError(f"{what} do not divide the {width} channels of UNet level {level}")
+
+    def _validate_depth(self) -> None:
+        d = self.transformer_depth
+        if isinstance(d, int):
+            _positive(self, "transformer_depth")
+            return
+        _positive_ints("unet.transformer_depth", d, allow_zero=True)
+        if len(d) != len(self.channel_mult):
+            raise ValueError(f"unet.transformer_depth needs one depth per level ({len(self.channel_mult)})")
+        if any(d[i] < 1 for i in range(len(d)) if 2**i in self.attention_resolutions):
+            raise ValueError("unet.transformer_depth must be positive at every level with attention")
+        if self.depth(None) < 1:
+            raise ValueError("the UNet's middle block needs a transformer depth of at least 1")
 
 
 @dataclass(frozen=True)
@@ -132,18 +185,41 @@ class ModelConfig:
     pyramid_noise: float = 0.0
     sample_size: int = 512  # the image side the model was trained at: the default --hw
     prediction: str = "eps"  # what the UNet predicts (PREDICTIONS): v for SD 2.x 768-v and v fine-tunes
-    text_encoder: str = (
-        "clip"  # TEXT_ENCODERS: SD1's CLIP-L (transformers' names), or SD 2.x's OpenCLIP ViT-H
-    )
+    text_encoder: str = "clip"  # TEXT_ENCODERS: SD1's CLIP-L, SD 2.x's OpenCLIP ViT-H, or SDXL's pair
+    clip2: CLIPConfig | None = None  # SDXL's second text encoder (OpenCLIP ViT-bigG); `clip` is then CLIP-L
+
+    @property
+    def family(self) -> str:
+        """ "sd1", "sd2" or "sdxl": what the model is, for messages and defaults."""
+        return {"clip": "sd1", "openclip": "sd2", "sdxl": "sdxl"}[self.text_encoder]
+
+    @property
+    def context_width(self) -> int:
+        """The width of the text the UNet attends to (SDXL: both encoders' hidden states side by side)."""
+        return self.clip.width + (self.clip2.width if self.clip2 else 0)
 
     def validate(self) -> None:
         """ValueError for a config no model can be built from (a damaged or hand-edited file's header)."""
         self.unet.validate()
         self.vae.validate()
         self.clip.validate()
-        if self.unet.context_dim != self.clip.width:
+        if self.text_encoder not in TEXT_ENCODERS:
             raise ValueError(
-                f"the UNet attends to {self.unet.context_dim}-wide text, the encoder is {self.clip.width}"
+                f"text_encoder must be one of {', '.join(TEXT_ENCODERS)} (got {self.text_encoder!r})"
+            )
+        if (self.text_encoder == "sdxl") != isinstance(self.clip2, CLIPConfig):
+            raise ValueError(
+                "an SDXL model (text_encoder sdxl), and only one, has a second text encoder clip2"
+            )
+        if self.clip2 is not None:
+            self.clip2.validate()
+        if self.unet.context_dim != self.context_width:
+            raise ValueError(
+                f"the UNet attends to {self.unet.context_dim}-wide text, the encoder is {self.context_width}"
+            )
+        if self.unet.adm_in_channels != self.adm_width:
+            raise ValueError(
+                f"the UNet's label_emb takes {self.unet.adm_in_channels} features, the model gives {self.adm_width}"
             )
         _positive(self, "num_train_timesteps", "sample_size")
         if self.sample_size % 8 or self.num_train_timesteps < 2:
@@ -151,12 +227,9 @@ class ModelConfig:
         for name in ("scale_factor", "beta_start", "beta_end", "pyramid_noise"):
             if not isinstance(getattr(self, name), (int, float)) or not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number")
-        if self.text_encoder not in TEXT_ENCODERS:
-            raise ValueError(
-                f"text_encoder must be one of {', '.join(TEXT_ENCODERS)} (got {self.text_encoder!r})"
-            )
-        if self.text_encoder == "openclip" and self.clip.projection < 1:
-            raise ValueError("an OpenCLIP text encoder needs its projection width (clip.projection)")
+        openclip = self.clip2 if self.text_encoder == "sdxl" else self.clip
+        if self.text_encoder != "clip" and openclip.projection < 1:
+            raise ValueError("an OpenCLIP text encoder needs its projection width (projection)")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)} (got {self.prediction!r})")
         if not (
@@ -166,6 +239,11 @@ class ModelConfig:
                 "need 0 < beta_start < beta_end < 1, scale_factor > 0 and pyramid_noise in [0, 1]"
             )
 
+    @property
+    def adm_width(self) -> int:
+        """What SDXL's label_emb reads: the pooled text and six size features of SIZE_FEATURES channels each."""
+        return self.clip2.projection + 6 * SIZE_FEATURES if self.text_encoder == "sdxl" else 0
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
@@ -174,10 +252,10 @@ class ModelConfig:
         d = json.loads(text)
         if not isinstance(d, dict):
             raise ValueError("not a JSON object")
-        parts = {"unet": UNetConfig, "vae": VAEConfig, "clip": CLIPConfig}
+        parts = {"unet": UNetConfig, "vae": VAEConfig, "clip": CLIPConfig, "clip2": CLIPConfig}
         kwargs = {}
         for name, value in d.items():
-            if name in parts:
+            if name in parts and not (name == "clip2" and value is None):
                 if not isinstance(value, dict):
                     raise ValueError(f"{name} is not a JSON object")
                 value = parts[name](**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
@@ -192,10 +270,10 @@ def _positive(cfg, *names: str) -> None:
             raise ValueError(f"{name} must be a positive whole number (got {value!r})")
 
 
-def _positive_ints(name: str, values, allow_empty: bool = False) -> None:
+def _positive_ints(name: str, values, allow_empty: bool = False, allow_zero: bool = False) -> None:
     if not isinstance(values, tuple) or (not values and not allow_empty):
         raise ValueError(f"{name} must be a list of positive whole numbers (got {values!r})")
-    if any(type(v) is not int or v < 1 for v in values):
+    if any(type(v) is not int or v < (0 if allow_zero else 1) for v in values):
         raise ValueError(f"{name} must hold positive whole numbers (got {values!r})")
 
 
@@ -210,3 +288,29 @@ TINY = ModelConfig(
     vae=VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
     clip=CLIPConfig(width=128, layers=2, heads=2, intermediate=512),
 )
+
+# SDXL base 1.0 (SGM's sd_xl_base.yaml): a three-level UNet with 2 and 10 transformer blocks at its two lower
+# levels, attending to CLIP-L's and OpenCLIP ViT-bigG's hidden states side by side (768 + 1280).
+SDXL = ModelConfig(
+    unet=UNetConfig(channel_mult=(1, 2, 4), attention_resolutions=(4, 2), transformer_depth=(0, 2, 10),
+                    context_dim=2048, num_head_channels=64, linear_proj=True, adm_in_channels=2816),
+    clip=CLIPConfig(),
+    clip2=CLIPConfig(width=1280, layers=32, heads=20, intermediate=5120, act="gelu", projection=1280),
+    scale_factor=0.13025,
+    sample_size=1024,
+    text_encoder="sdxl",
+)  # fmt: skip
+
+# SDXL's every feature at TINY's scale: a level without attention, per-level depths, label_emb, two encoders.
+TINY_SDXL = ModelConfig(
+    unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 2), attention_resolutions=(4, 2),
+                    transformer_depth=(0, 1, 2), context_dim=64 + 96, num_head_channels=16, linear_proj=True,
+                    adm_in_channels=32 + 6 * SIZE_FEATURES),
+    vae=TINY.vae,
+    clip=CLIPConfig(width=64, layers=2, heads=2, intermediate=256),
+    # widths unlike CLIP-L's, as in SDXL (diffusers tells the two encoders of a file apart by them)
+    clip2=CLIPConfig(width=96, layers=3, heads=4, intermediate=384, act="gelu", projection=32),
+    scale_factor=0.13025,
+    sample_size=1024,
+    text_encoder="sdxl",
+)  # fmt: skip

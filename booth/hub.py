@@ -36,8 +36,13 @@ ALIASES: dict[str, tuple[str, str | None]] = {
     # SD 2.1 at 512, an eps model; the 768 one (stable-diffusion-2-1, v2-1_768-ema-pruned) is a v model that
     # its file does not mark, so it needs --prediction v and is left out of the aliases
     "sd21-base": ("stabilityai/stable-diffusion-2-1-base", "v2-1_512-ema-pruned.safetensors"),
+    "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "sd_xl_base_1.0.safetensors"),
 }
 DEFAULT_MODEL = "sd15"
+# VAEs for --vae: SDXL's, refined to run in float16 without overflowing (the original needs fp32 or bf16)
+VAE_ALIASES: dict[str, tuple[str, str]] = {
+    "sdxl-vae-fp16-fix": ("madebyollin/sdxl-vae-fp16-fix", "sdxl.vae.safetensors"),
+}
 
 _SEGMENT = r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?"  # one half of a Hub repo id
 _REPO_RE = re.compile(rf"{_SEGMENT}/{_SEGMENT}")
@@ -85,6 +90,21 @@ def find_model(spec: str, flag: str = "-c") -> Found:
     return found
 
 
+def find_vae(spec: str) -> pathlib.Path:
+    """A VAE for --vae: a local file or folder, a Hub file OWNER/NAME/FILE, or an alias (VAE_ALIASES)."""
+    local = pathlib.Path(spec).expanduser()
+    if spec and local.exists():
+        return local
+    if (
+        spec not in VAE_ALIASES
+        and not spec.startswith(("http://", "https://"))
+        and not _REPO_FILE_RE.fullmatch(spec)
+    ):
+        raise BoothError(f"VAE not found: {spec} (give a VAE file or diffusers VAE folder, a Hub file "
+                         f"OWNER/NAME/FILE.safetensors, or {', '.join(VAE_ALIASES)})")  # fmt: skip
+    return resolve(spec, "--vae")
+
+
 def download(spec: str = DEFAULT_MODEL, filename: str | None = None) -> pathlib.Path:
     """`booth download [ALIAS|REPO|URL [FILE]]`: fetch into the cache and return the local path."""
     if filename is None:
@@ -129,8 +149,8 @@ def parse(spec: str) -> pathlib.Path | HubTarget:
                 f"the demo model is missing from this installation ({DEMO_FILE}); reinstall booth"
             )
         return DEMO_FILE
-    if spec in ALIASES:
-        repo, filename = ALIASES[spec]
+    if spec in ALIASES or spec in VAE_ALIASES:
+        repo, filename = ALIASES.get(spec) or VAE_ALIASES[spec]
         return HubTarget(repo, filename)
     if spec.startswith(("http://", "https://")):
         return _parse_url(spec)

@@ -86,6 +86,7 @@ def parameters_text(sd, prompt: str, negative_prompt: str, s: Settings, seed: in
     params = {
         "Steps": s.steps, "Sampler": sampler.label, "Schedule type": SCHEDULES[s.schedule], "CFG scale": s.scale,
         "Seed": seed, "Size": f"{s.width}x{s.height}", "Model hash": sd.model_hash, "Model": sd.name,
+        "VAE hash": sd.vae[1] if sd.vae else None, "VAE": sd.vae[0] if sd.vae else None,
         "Denoising strength": strength, "Eta": s.eta if sampler.eta is not None else None,
         "Clip skip": s.clip_skip if s.clip_skip > 1 else None, "Lora hashes": loras or None,
         "Prediction": s.prediction if s.prediction not in (None, "eps") else None,

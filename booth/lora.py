@@ -34,7 +34,10 @@ import torch
 from torch import nn
 
 from .checkpoint import (
+    OPENCLIP,
     SAVE_DTYPES,
+    SDXL_CLIP,
+    SDXL_OPENCLIP,
     TEXT,
     UNET,
     data_hash,
@@ -56,7 +59,11 @@ from .options import LORA_TARGETS
 # kohya's text-encoder LoRA: CLIPAttention and CLIPMLP layers.
 TEXT_TARGETS = r"self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.fc[12]"
 MAX_WEIGHT = 10.0  # |weight| above this is a typo rather than a setting (sliders use up to about 5-8)
-PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+# SDXL's OpenCLIP bigG under the transformers names kohya and diffusers give it: module -> (ours, rows of 3)
+_OPENCLIP_NAMES = {"self_attn_q_proj": ("attn.in_proj", 0), "self_attn_k_proj": ("attn.in_proj", 1),
+                   "self_attn_v_proj": ("attn.in_proj", 2), "self_attn_out_proj": ("attn.out_proj", None),
+                   "mlp_fc1": ("mlp.c_fc", None), "mlp_fc2": ("mlp.c_proj", None)}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- training: runtime layers
@@ -152,10 +159,14 @@ def save_lora(layers: dict[str, LoRALayer], path: str | os.PathLike, config: Mod
     return Path(path)
 
 
-def kohya_metadata(rank: int, alpha: float, targets: str, base_name: str) -> dict[str, str]:
+def kohya_metadata(
+    rank: int, alpha: float, targets: str, base_name: str, config: ModelConfig
+) -> dict[str, str]:
     """The `ss_*` header entries kohya writes that A1111, ComfyUI and civitai read."""
+    version = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[config.family]
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(float(alpha)),
-            "ss_base_model_version": "sd_v1", "ss_v2": "False", "ss_sd_model_name": base_name}  # fmt: skip
+            "ss_base_model_version": version, "ss_v2": str(config.family == "sd2"),
+            "ss_sd_model_name": base_name}  # fmt: skip
     if targets == "all":  # kohya records LoCon (conv layers) as network args
         meta["ss_network_args"] = json.dumps({"conv_dim": str(rank), "conv_alpha": str(float(alpha))})
     return meta
@@ -172,7 +183,10 @@ def addnet_hash(tensors: dict[str, torch.Tensor]) -> str:
 
 @functools.lru_cache(maxsize=8)
 def kohya_names(config: ModelConfig) -> dict[str, str]:
-    """Our module path -> kohya name, for every Linear and Conv2d of the UNet and text encoder."""
+    """Our module path -> kohya name, for every Linear and Conv2d of the UNet and text encoder(s). SD1 and SD 2.x
+    LoRAs name the UNet's layers by diffusers' paths; SDXL's by SGM's (ours), CLIP-L `lora_te1_`, bigG `lora_te2_`."""
+    if config.text_encoder == "sdxl":
+        return _sdxl_names(config)
     rules, names = diffusers_rules(config), {}
     for path, module in build(config).named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)) and path.startswith((UNET, TEXT)):
@@ -181,19 +195,57 @@ def kohya_names(config: ModelConfig) -> dict[str, str]:
     return names
 
 
+def _sdxl_names(config: ModelConfig) -> dict[str, str]:
+    names = {}
+    for path, module in build(config).named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        if path.startswith(UNET):
+            names[path] = "lora_unet_" + path[len(UNET) :].replace(".", "_")
+        elif path.startswith(SDXL_CLIP):
+            names[path] = "lora_te1_" + path[len(SDXL_CLIP) :].replace(".", "_")
+    for name, (path, third) in _openclip_lookup(SDXL_OPENCLIP, "lora_te2_", config.clip2.layers).items():
+        if third is None:
+            names[path] = name
+    return names
+
+
 @functools.lru_cache(maxsize=8)
-def _lookup(config: ModelConfig) -> dict[str, str]:
-    """kohya name -> our module path; our own CompVis spelling (`lora_unet_input_blocks_1_1_...`) is accepted
-    too, as A1111 does."""
-    table = {k: p for p, k in kohya_names(config).items()}
+def _lookup(config: ModelConfig) -> dict[str, tuple[str, int | None]]:
+    """kohya name -> (our module path, which third of a fused q/k/v weight or None). Other spellings are accepted
+    too: our own CompVis one (`lora_unet_input_blocks_1_1_...`) as A1111 does, and for SDXL diffusers' paths and
+    `lora_te_` for CLIP-L."""
+    names = kohya_names(config)
+    table = {k: (p, None) for p, k in names.items()}
     table.update(
-        {
-            "lora_unet_" + p[len(UNET) :].replace(".", "_"): p
-            for p in kohya_names(config)
-            if p.startswith(UNET)
-        }
+        {"lora_unet_" + p[len(UNET) :].replace(".", "_"): (p, None) for p in names if p.startswith(UNET)}
     )
+    if config.text_encoder == "clip":
+        table.update(
+            {
+                "lora_te1_" + k[len("lora_te_") :]: (p, None)
+                for p, k in names.items()
+                if k.startswith("lora_te_")
+            }
+        )
+    if config.text_encoder == "openclip":  # SD 2.x's ViT-H, which kohya names as transformers does
+        table.update(_openclip_lookup(OPENCLIP, "lora_te_", config.clip.layers))
+    if config.text_encoder != "sdxl":
+        return table
+    rules = diffusers_rules(config)
+    for p, k in names.items():
+        if p.startswith(UNET):
+            table["lora_unet_" + diffusers_name(p + ".weight", rules).split(":", 1)[1][: -len(".weight")].replace(
+                ".", "_")] = (p, None)  # fmt: skip
+        elif k.startswith("lora_te1_"):
+            table["lora_te_" + k[len("lora_te1_") :]] = (p, None)
+    table.update(_openclip_lookup(SDXL_OPENCLIP, "lora_te2_", config.clip2.layers))
     return table
+
+
+def _openclip_lookup(prefix: str, lora_prefix: str, layers: int) -> dict[str, tuple[str, int | None]]:
+    return {f"{lora_prefix}text_model_encoder_layers_{i}_{theirs}": (f"{prefix}transformer.resblocks.{i}.{ours}", third)
+            for i in range(layers) for theirs, (ours, third) in _OPENCLIP_NAMES.items()}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -258,8 +310,6 @@ def read_lora(path: str | os.PathLike) -> LoRA:
 def _group(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, dict]:
     layers: dict[str, dict] = {}
     for key, tensor in tensors.items():
-        if key.startswith(("lora_te2_", "text_encoder_2.")):
-            raise BoothError(f"{path} is an SDXL LoRA (it has a second text encoder); booth supports SD 1.x")
         if "dora_scale" in key or "lora_magnitude_vector" in key:
             raise BoothError(f"{path} is a DoRA, which booth does not support yet (key {key})")
         module, kind = _split(key)
@@ -300,12 +350,10 @@ def _split(key: str) -> tuple[str | None, str | None]:
 def _kohya_name(module: str) -> str:
     """Any layout's module name -> the kohya name (`lora_unet_...` / `lora_te_...`)."""
     module = module.removeprefix("base_model.model.")
-    if module.startswith(("lora_unet_", "lora_te_")):
+    if module.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")):
         return module
-    if module.startswith("lora_te1_"):
-        return "lora_te_" + module[len("lora_te1_") :]
     component, rest = _component(module)
-    if component == "text_encoder":
+    if component != "unet":
         # diffusers' old text-encoder names, and transformers 5's CLIPTextModel without its text_model level
         rest = re.sub(r"self_attn\.to_(q|k|v)$", r"self_attn.\1_proj", rest).replace(
             "self_attn.to_out.0", "self_attn.out_proj"
@@ -315,7 +363,7 @@ def _kohya_name(module: str) -> str:
 
 
 def _component(module: str) -> tuple[str, str]:
-    for component in ("unet", "text_encoder"):
+    for component in ("unet", "text_encoder_2", "text_encoder"):
         if module.startswith(component + "."):
             return component, module[len(component) + 1 :]
     # peft state dicts of a single model carry no prefix; text-encoder paths are unmistakable
@@ -406,32 +454,37 @@ def read_specs(specs: Sequence[str]) -> list[tuple[LoRA, float]]:
     return out
 
 
-def updates(lora: LoRA, config: ModelConfig, shapes: dict[str, torch.Size]) -> dict[str, tuple]:
-    """Our weight key -> (down, up, alpha / rank) for every layer of `lora`, checked against the model's shapes."""
+def updates(lora: LoRA, config: ModelConfig, shapes: dict[str, torch.Size]) -> dict[str, list[tuple]]:
+    """Our weight key -> [(down, up, alpha / rank)] for every layer of `lora`, checked against the model's shapes;
+    a layer of a fused q/k/v weight (OpenCLIP's in_proj) has its up padded with zeros to the other two thirds."""
     table, out, unknown = _lookup(config), {}, []
     for name, entry in lora.layers.items():
-        path = table.get(name)
-        if path is None:
+        if name not in table:
             unknown.append(name)
             continue
-        key, down, up = path + ".weight", entry["down"], entry["up"]
+        path, third = table[name]
+        key, down, up = path + (".weight" if third is None else "_weight"), entry["down"], entry["up"]
         shape, rank = shapes[key], down.shape[0]
-        if (
-            down.ndim < 2
-            or up.ndim < 2
-            or up.shape[0] != shape[0]
-            or up[0].numel() != rank
-            or down[0].numel() != shape[1:].numel()
-        ):
+        rows = shape[0] if third is None else shape[0] // 3
+        if down.ndim < 2 or up.ndim < 2 or up.shape[0] != rows or up[0].numel() != rank or (
+            down[0].numel() != shape[1:].numel()
+        ):  # fmt: skip
             raise BoothError(
                 f"{lora.path} does not fit this model: its {name} is {_io(down, up)} but the model's layer is "
-                f"{shape[1]}->{shape[0]} (a LoRA for another base, such as SD2 or SDXL?)"
+                f"{shape[1]}->{rows} (a LoRA for another family: SD1, SD2 or SDXL?)"
             )  # fmt: skip
-        out[key] = (down, up, entry["alpha"] / rank)
+        if third is not None:
+            up = torch.zeros(shape[0], *up.shape[1:], dtype=up.dtype).index_copy_(
+                0, torch.arange(third * rows, (third + 1) * rows), up
+            )
+        out.setdefault(key, []).append((down, up, entry["alpha"] / rank))
     if unknown:
         raise BoothError(f"{lora.path} has {len(unknown)} layer(s) this model does not have (e.g. {unknown[0]}); "
-                         "it is not an SD 1.x LoRA")  # fmt: skip
+                         f"it is not a LoRA for this {_FAMILY_NAMES[config.family]} model")  # fmt: skip
     return out
+
+
+_FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 
 def _io(down: torch.Tensor, up: torch.Tensor) -> str:
@@ -453,8 +506,7 @@ def merge(weights: dict[str, torch.Tensor], loras: Sequence[tuple[LoRA, float]],
         w = weights[key]
         delta = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         for layer_updates, weight in placed:
-            if key in layer_updates:
-                down, up, scale = layer_updates[key]
+            for down, up, scale in layer_updates.get(key, ()):
                 down, up = (t.to(w.device, torch.float32).flatten(1) for t in (down, up))
                 delta += (up @ down).reshape(w.shape) * (scale * weight)
         if keep:

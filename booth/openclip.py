@@ -18,7 +18,6 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .clip import encode_chunks
 from .config import CLIPConfig
 
 
@@ -64,19 +63,25 @@ class OpenCLIPText(nn.Module):
         N layers before the last (1, SD 2.x's own, is the penultimate)."""
         return self.hidden(ids, clip_skip, final_norm=True)
 
-    def encode_chunks(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
-        """(B, 77*K) ids of K chunks -> (B, 77*K, width): each chunk encoded on its own, then concatenated."""
-        return encode_chunks(self, ids, self.positional_embedding.shape[0], clip_skip)
-
     def layers(self, ids: torch.Tensor, skip: int = 0) -> torch.Tensor:
         """The output of the transformer without its last `skip` layers (no final norm)."""
+        return self.states(ids, skip, to_end=False)[0]
+
+    def states(
+        self, ids: torch.Tensor, skip: int, to_end: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the output without the last `skip` layers, and with `to_end` the last layer's) in one pass."""
         n = ids.shape[1]
         x = self.token_embedding(ids) + self.positional_embedding[:n]
         # causal, as CLIP was trained; a float mask (as OpenCLIP builds it), so any dtype works
         mask = torch.full((n, n), float("-inf"), device=ids.device, dtype=x.dtype).triu(1)
-        for block in self.transformer.resblocks[: len(self.transformer.resblocks) - skip]:
+        blocks = self.transformer.resblocks
+        stop = len(blocks) - skip
+        early = x if stop <= 0 else None
+        for i, block in enumerate(blocks if to_end else blocks[:stop]):
             x = block(x, mask)
-        return x
+            early = x if i == stop - 1 else early
+        return early, x if to_end else None
 
     def hidden(self, ids: torch.Tensor, skip: int = 1, final_norm: bool = False) -> torch.Tensor:
         """The conditioning: the penultimate layer's output (`skip` 1), through the final norm if `final_norm`
@@ -87,6 +92,15 @@ class OpenCLIPText(nn.Module):
     def pooled(self, ids: torch.Tensor, eos: torch.Tensor | None = None) -> torch.Tensor:
         """The final-normed last layer at each row's end token (the first `eos` id; by default the largest id,
         which CLIP's tokenizer gives the end token), through `text_projection`."""
-        x = self.ln_final(self.layers(ids))
+        return self.project(self.layers(ids), ids, eos)
+
+    def project(self, last: torch.Tensor, ids: torch.Tensor, eos: torch.Tensor | None = None) -> torch.Tensor:
+        """`pooled` from the last layer's output `last`."""
+        x = self.ln_final(last)
         where = ids.argmax(-1) if eos is None else (ids == eos).int().argmax(-1)
         return x[torch.arange(len(ids), device=ids.device), where] @ self.text_projection
+
+    def sdxl(self, ids: torch.Tensor, skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL's use of it, in one pass: (the penultimate layer's output as it is, the pooled embedding)."""
+        early, last = self.states(ids, skip)
+        return early, self.project(last, ids)

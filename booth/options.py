@@ -215,6 +215,7 @@ class Job:
     image: str | None = None  # img2img when set: the input image's path
     strength: float = 0.75
     ema: bool = False
+    vae: str | None = None  # a VAE to use instead of the model's own (booth.hub.find_vae)
 
     def validate(self) -> None:
         check_text("the prompt", self.prompt)
@@ -298,12 +299,13 @@ class TrainConfig(Loop, Noise):
     RESUMABLE: ClassVar = ("iterations", "save_every", "sample_every", "sample_prompt", "devices",
                            "generation_batch_size", "eval_every", "eval_metric", "dino_model", "clip_model")  # fmt: skip
     # where the inputs are, not how the model trains: left out of the hyperparameters a checkpoint records
-    LOCATIONS: ClassVar = ("instance_dir", "class_dir", "model", "dino_model", "clip_model")
+    LOCATIONS: ClassVar = ("instance_dir", "class_dir", "model", "vae", "dino_model", "clip_model")
 
     learning_rate: float | None = None  # None: DREAMBOOTH_LEARNING_RATE, or LORA_LEARNING_RATE with `lora`
     class_name: str = ""
     instance_dir: str = ""
     model: str = "sd15"
+    vae: str | None = None  # a VAE to train with (and save) instead of the model's own
     token: str = "sks"
     instance_prompt: str | None = None  # None: "a {token} {class}"
     class_prompt: str | None = None  # None: "a {class}"

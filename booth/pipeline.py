@@ -10,21 +10,31 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from collections.abc import Iterator, Sequence
 
 import torch
 from PIL import Image
 
 from . import sampling
-from .checkpoint import Checkpoint, Stub, check_weights, file_hash, load_model, load_part, read_checkpoint
+from .checkpoint import (
+    Checkpoint,
+    Stub,
+    check_weights,
+    file_hash,
+    load_model,
+    load_part,
+    read_checkpoint,
+    use_vae,
+)
 from .config import ModelConfig
 from .errors import BoothError
-from .hub import find_model
+from .hub import find_model, find_vae
 from .images import load_image, to_pil, to_tensor
 from .lora import LoRA, merge, restore
-from .model import PARTS, LatentDiffusion, build, part_modules, part_of
+from .model import PARTS, LatentDiffusion, build, encode_text, part_modules, part_of, tokenize, unet_inputs
 from .options import Settings, check_seeds, check_strength, check_text
-from .tokenizer import EOS, PAD_OPENCLIP, get_tokenizer
+from .tokenizer import get_tokenizer
 
 __all__ = ["Settings", "StableDiffusion", "resolve_settings", "steps_to_run"]
 
@@ -49,11 +59,15 @@ class StableDiffusion:
         self.model, self.device, self.dtype = model, torch.device(device), dtype
         self.config = model.config
         self.name, self.model_hash, self.low_memory = name, model_hash, low_memory
+        self.vae: tuple[str, str | None] | None = (
+            None  # (name, hash) of a VAE of its own (--vae), for PNG metadata
+        )
         self.loras: list[tuple[str, str]] = []  # (name, hash) of the LoRAs in the weights, for PNG metadata
         self._loras: list[tuple[LoRA, float]] = []  # merged into each network as it is read
         self._originals: dict[str, torch.Tensor] = {}  # the base tensors those LoRAs replaced
         self._stubs: dict[str, Stub | torch.Tensor] | None = None  # where the networks are read (again) from
         self._cache: dict[str, tuple] = {}  # the last prompt's embeddings, the last input image's posterior
+        self.vae_dtype = dtype  # what the VAE runs in (fp32 where it would overflow in fp16)
         self.tokenizer = get_tokenizer()
         c = self.config
         self.schedule = sampling.DiscreteSchedule(c.beta_start, c.beta_end, c.num_train_timesteps)
@@ -63,19 +77,40 @@ class StableDiffusion:
                         low_memory: bool = False) -> StableDiffusion:  # fmt: skip
         """A lazy Checkpoint (`read_checkpoint(..., lazy=True)`) is read a network at a time, when needed."""
         if not any(isinstance(v, Stub) for v in ckpt.state_dict.values()):
-            return cls(load_model(ckpt, device, dtype), device, dtype, ckpt.name, model_hash, low_memory)
-        model = build(ckpt.config)
-        check_weights(ckpt, model.state_dict())
-        sd = cls(model.eval().requires_grad_(False), device, dtype, ckpt.name, model_hash, low_memory)
-        sd._stubs = ckpt.state_dict
+            sd = cls(load_model(ckpt, device, dtype), device, dtype, ckpt.name, model_hash, low_memory)
+        else:
+            model = build(ckpt.config)
+            check_weights(ckpt, model.state_dict())
+            sd = cls(model.eval().requires_grad_(False), device, dtype, ckpt.name, model_hash, low_memory)
+            sd._stubs = ckpt.state_dict
+        sd._took_vae(ckpt)
         return sd
+
+    def _took_vae(self, ckpt: Checkpoint) -> None:
+        """Note a VAE of the checkpoint's own choosing (use_vae). SDXL's original VAE overflows in fp16, so unless
+        one was chosen (a fixed fp16 VAE, as a rule) it runs in fp32 beside an fp16 model, as diffusers'
+        force_upcast does."""
+        if ckpt.vae is not None:
+            self.vae = (ckpt.vae.name, file_hash(ckpt.vae)[:10] if ckpt.vae.is_file() else None)
+        elif self.config.family == "sdxl" and self.dtype == torch.float16:
+            self._upcast_vae()
+
+    def _upcast_vae(self) -> None:
+        self.vae_dtype = torch.float32
+        for part in ("vae_encoder", "vae_decoder"):
+            if _place(self.model, part).type != "meta":
+                for m in part_modules(self.model, part):
+                    m.float()
 
     @classmethod
     def from_pretrained(cls, spec: str = "sd15", device="cpu", dtype=torch.float32, ema: bool = False,
-                        low_memory: bool = False) -> StableDiffusion:  # fmt: skip
-        """Load from a file, a diffusers folder, a Hugging Face repo id or an alias (`sd15`, `sd14`)."""
+                        low_memory: bool = False, vae: str | None = None) -> StableDiffusion:  # fmt: skip
+        """Load from a file, a diffusers folder, a Hugging Face repo id or an alias (`sd15`, `sdxl`, ...); `vae`: a
+        VAE to use instead of the model's own (as --vae takes it)."""
         found = find_model(spec)
         ckpt = read_checkpoint(found.path, ema=ema, lazy=True)
+        if vae is not None:
+            use_vae(ckpt, find_vae(vae), lazy=True)
         model_hash = file_hash(found.path) if found.path.is_file() else None
         return cls.from_checkpoint(ckpt, device, dtype, model_hash, low_memory)
 
@@ -118,7 +153,8 @@ class StableDiffusion:
                     self._release(other)
         where = _place(self.model, part)
         if where.type == "meta":
-            load_part(self.model, self._stubs, part, self.device, self.dtype)
+            dtype = self.vae_dtype if part.startswith("vae") else self.dtype
+            load_part(self.model, self._stubs, part, self.device, dtype)
             if self._loras:
                 weights = self.model.state_dict()
                 keys = {k for k in weights if part_of(k) == part}
@@ -147,8 +183,9 @@ class StableDiffusion:
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "",
-                      clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """Text -> (cond, uncond) embeddings (B, 77*K, width), both padded to the same number K of 75-token chunks."""
+                      clip_skip: int = 1) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:  # fmt: skip
+        """Text -> (cond, uncond): each {"context": (B, 77*K, width)}, both padded to the same number K of 75-token
+        chunks, and for SDXL "pooled" (B, 1280). SDXL's empty negative prompt is zeros, as diffusers' is."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = (
             [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
@@ -161,9 +198,15 @@ class StableDiffusion:
             return self._cache["prompt"][1]
         ids = self.tokenize(prompts + negatives)  # one batch, so all share K
         self._use("text_encoder")
-        emb = self.model.text_encoder.encode_chunks(ids, clip_skip)
+        emb = encode_text(self.model.text_encoder, ids, clip_skip)
         self._release("text_encoder")
-        out = emb[: len(prompts)], emb[len(prompts) :]
+        if self.config.text_encoder == "sdxl":
+            empty = torch.tensor([not text for text in negatives], device=self.device)
+            for v in emb.values():
+                v[len(prompts) :][empty] = 0
+        out = tuple(
+            {k: v[rows] for k, v in emb.items()} for rows in (slice(len(prompts)), slice(len(prompts), None))
+        )
         if self._stubs is not None:  # a model in memory may be training: its embeddings are not kept
             self._cache["prompt"] = (key, out)
         return out
@@ -172,10 +215,19 @@ class StableDiffusion:
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """Diffusion latents (B, 4, h, w) -> PIL images."""
         self._use("vae_decoder")
-        images = self.model.vae.decode(latents.to(self.device, self.dtype) / self.config.scale_factor)
+        images = self._decoded(latents)
+        if not bool(torch.isfinite(images).all()) and self.vae_dtype == torch.float16:
+            print("booth: the VAE overflowed in float16, decoding in float32 from now on (a VAE made for fp16, "
+                  "given with --vae, is faster)", file=sys.stderr)  # fmt: skip
+            self._upcast_vae()
+            images = self._decoded(latents)
         if not bool(torch.isfinite(images).all()):
             raise BoothError(f"{self.name}'s VAE made NaN or infinite pixels: {self._broken()}")
         return to_pil(images)
+
+    def _decoded(self, latents: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.model.vae.decoder.parameters()).dtype
+        return self.model.vae.decode(latents.to(self.device, dtype) / self.config.scale_factor)
 
     @torch.no_grad()
     def encode_image(self, image: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
@@ -191,16 +243,16 @@ class StableDiffusion:
         if cached is not None and cached[0].shape == image.shape and torch.equal(cached[0], image):
             return cached[1]
         self._use("vae_encoder")
-        out = self.model.vae.encode(image.to(self.device, self.dtype))
+        out = self.model.vae.encode(image.to(self.device, next(self.model.vae.encoder.parameters()).dtype))
         self._release("vae_encoder")
         if self._stubs is not None:
             self._cache["image"] = (image.detach().clone(), out)
         return out
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
-        """Token ids on the device, padded as the model's text encoder was trained (OpenCLIP's with 0)."""
-        pad = PAD_OPENCLIP if self.config.text_encoder == "openclip" else EOS
-        return self.tokenizer(texts, pad=pad).to(self.device)
+        """Token ids (B, 77*K) on the device, padded as the model's text encoder was trained (CLIP-L's with the
+        end token, OpenCLIP's with 0); for SDXL both paddings, (B, 2, 77*K)."""
+        return tokenize(self.tokenizer, self.config, texts).to(self.device)
 
     def resolve(self, settings: Settings, image_size: tuple[int, int] | None = None) -> Settings:
         return resolve_settings(self.config, settings, image_size, self.name)
@@ -219,8 +271,9 @@ class StableDiffusion:
         settings.validate()  # as given: a value the sampler ignores must still be a valid one
         s = self.resolve(settings)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in check_seeds(seeds)]
-        cond, uncond = self.encode_prompt(
-            prompt, negative_prompt, s.clip_skip
+        cond, uncond = (
+            unet_inputs(c, (s.height, s.width))
+            for c in self.encode_prompt(prompt, negative_prompt, s.clip_skip)
         )  # (1, L, C): guidance broadcasts
         sigmas = self.sigmas(s).to(self.device)
         if image is None:
@@ -317,10 +370,9 @@ def resolve_settings(
 
 
 def check_clip_skip(config: ModelConfig, clip_skip: int, name: str) -> None:
-    if clip_skip > config.clip.layers:
-        raise BoothError(
-            f"--clip-skip {clip_skip} is more than the {config.clip.layers} layers of {name}'s text encoder"
-        )
+    layers = min(c.layers for c in (config.clip, config.clip2) if c is not None)
+    if clip_skip > layers:
+        raise BoothError(f"--clip-skip {clip_skip} is more than the {layers} layers of {name}'s text encoder")
 
 
 def steps_to_run(steps: int, strength: float) -> int:

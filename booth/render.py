@@ -16,11 +16,11 @@ from tqdm import tqdm
 
 from . import __version__
 from .atomic import write_text
-from .checkpoint import file_hash, read_checkpoint, read_config
+from .checkpoint import file_hash, read_checkpoint, read_config, use_vae
 from .device import out_of_memory
 from .errors import BoothError
 from .formats import Found, not_a_model, safetensors_metadata
-from .hub import DEFAULT_MODEL, find, find_model, parse
+from .hub import DEFAULT_MODEL, find, find_model, find_vae, parse
 from .images import grid, load_image, parameters_text, save_png
 from .lora import LoRA, read_lora
 from .memory import available_bytes, format_gb, part_bytes, sampling_bytes
@@ -88,7 +88,7 @@ def render(job: Job, models: Sequence[Row], run: Path | Callable[[], Path], devi
     if job.image is not None and image is None:
         image = load_image(job.image)
     settings, low = _resolve(job, models, image, device, dtype, low_memory)
-    loaded = _load_each(models, job.ema, device, dtype, loras, low)
+    loaded = _load_each(models, job, device, dtype, loras, low)
     sd = next(loaded)  # only once the first model has loaded is the run folder made
     run = run() if callable(run) else run
     _write_record(run, job, settings[0], models, device, dtype, loras)
@@ -115,8 +115,11 @@ def _resolve(
     before any weights are read: from the file headers alone. Also whether to keep only the network at work on
     the device: as asked, or because the whole model would not fit."""
     out, low = [], low_memory
+    vae = find_vae(job.vae) if job.vae is not None else None
     for row in models:
         config = read_config(row.model)
+        if vae is not None:  # the VAE fits every model (from the headers alone)
+            use_vae(read_checkpoint(row.model, lazy=True), vae, lazy=True)
         s = resolve_settings(config, job.settings, image.size if image is not None else None, row.path.name)
         low = _check_memory(config, s, job.batch_size, device, dtype, image is not None, low)
         out.append(s)
@@ -168,7 +171,7 @@ def _write_record(run: Path, job: Job, s: Settings, models: Sequence[Row], devic
     write_text(run / "prompt.txt", job.prompt + "\n")
 
 
-def _load_each(models: Sequence[Row], ema: bool, device, dtype, loras: Sequence[tuple[LoRA, float]],
+def _load_each(models: Sequence[Row], job: Job, device, dtype, loras: Sequence[tuple[LoRA, float]],
                low_memory: bool) -> Iterator[StableDiffusion]:  # fmt: skip
     """Each row's model in turn, checked but read a network at a time as sampling needs them. Checkpoints of one
     model (a DreamBooth run's saves) reuse the pipeline; a different model replaces the previous one, which is
@@ -176,7 +179,9 @@ def _load_each(models: Sequence[Row], ema: bool, device, dtype, loras: Sequence[
     sd, loaded = None, None
     for row in models:
         if row.model != loaded:
-            ckpt = read_checkpoint(row.model, ema=ema, lazy=True)
+            ckpt = read_checkpoint(row.model, ema=job.ema, lazy=True)
+            if job.vae is not None:
+                use_vae(ckpt, find_vae(job.vae), lazy=True)
             model_hash = file_hash(row.model) if row.model.is_file() else None
             if sd is not None and sd.config == ckpt.config:
                 sd.load_weights(ckpt, model_hash)

@@ -230,6 +230,10 @@ def _match_batch(context: Tensor, batch: int) -> Tensor:
     raise ValueError(f"conditioning batch {context.shape[0]} does not match latent batch {batch}")
 
 
+def _keywords(cond: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
+    return {"context": cond} if isinstance(cond, Tensor) else dict(cond)
+
+
 class CFGDenoiser:
     """Classifier-free guidance (Ho & Salimans 2022) around a denoiser taking ``context=``.
 
@@ -243,21 +247,21 @@ class CFGDenoiser:
     guidance gives v models.
     """
 
-    def __init__(
-        self, denoiser: Denoiser, cond: Tensor, uncond: Tensor | None, scale: float, rescale: float = 0.0
-    ):
-        self.denoiser, self.cond, self.uncond, self.scale = denoiser, cond, uncond, float(scale)
+    def __init__(self, denoiser: Denoiser, cond: Tensor | dict[str, Tensor], uncond: Tensor | dict[str, Tensor] | None,
+                 scale: float, rescale: float = 0.0):  # fmt: skip
+        """`cond` and `uncond`: the text's embeddings (the model's `context=`), or a dict of all the model's
+        conditioning keywords (SDXL's `context` and `y`)."""
+        self.denoiser, self.cond, self.uncond, self.scale = denoiser, _keywords(cond), uncond, float(scale)
+        self.uncond = None if uncond is None else _keywords(uncond)
         self.rescale = float(rescale)
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         b = x.shape[0]
-        cond = _match_batch(self.cond, b)
+        cond = {k: _match_batch(v, b) for k, v in self.cond.items()}
         if self.scale == 1.0 or self.uncond is None:
-            return self.denoiser(x, sigma, context=cond)
-        context = torch.cat([_match_batch(self.uncond, b), cond])
-        out_uncond, out_cond = self.denoiser(
-            torch.cat([x, x]), torch.cat([sigma, sigma]), context=context
-        ).chunk(2)
+            return self.denoiser(x, sigma, **cond)
+        both = {k: torch.cat([_match_batch(self.uncond[k], b), v]) for k, v in cond.items()}
+        out_uncond, out_cond = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both).chunk(2)
         guided = out_uncond + self.scale * (out_cond - out_uncond)
         return self._rescaled(x.float(), sigma, guided, out_cond) if self.rescale else guided
 

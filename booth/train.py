@@ -57,21 +57,23 @@ from .checkpoint import (
     read_config,
     save_checkpoint,
     stored_itemsize,
+    use_vae,
 )
 from .config import ModelConfig
 from .data import Augment, Cycler, ImageSet, find_images, prepare, readable_images
 from .device import autocast, out_of_memory, peak_memory_mb, pick_device, training_dtypes, training_precision
 from .errors import BoothError, first_line
 from .formats import CHECKPOINT_FOLDER
-from .hub import find_model
+from .hub import find_model, find_vae
 from .images import parameters_text, save_png
 from .lora import adapter_state, add_lora, kohya_metadata, load_adapter_state, save_lora
 from .memory import available_bytes, format_gb
-from .model import text_prefix
+from .model import encode_text, text_prefix, tokenize, unet_inputs
 from .optim import Adafactor, AdamW, StepInBackward
 from .options import FUSED_FP16, WEIGHT_DECAY, Loop, Noise, Settings, TrainConfig
 from .pipeline import StableDiffusion
 from .sampling import randn
+from .tokenizer import get_tokenizer
 
 STATE_FORMAT = 1
 MEMORY_HINT = ("while training: try --lean (or its parts: --weights bf16, --fused-backward, --optimizer adafactor "
@@ -119,11 +121,12 @@ def pyramid_noise(noise: torch.Tensor, gens, discount: float) -> torch.Tensor:
     return out / variance**0.5
 
 
-def diffusion_loss(noise_cfg: Noise, x0, gens, context, n_inst, unet, alphas_cumprod, amp, lamb: float = 1.0,
+def diffusion_loss(noise_cfg: Noise, x0, gens, cond, n_inst, unet, alphas_cumprod, amp, lamb: float = 1.0,
                    prediction: str = "eps"):  # fmt: skip
     """Noise clean latents at random timesteps, predict the noise (or with `prediction` "v", v = sqrt(a) * noise
     - sqrt(1 - a) * x0), and return the DreamBooth loss (the plain diffusion loss when every row is an
-    "instance"). `gens` has one generator per row; `context` (B, L, C)."""
+    "instance"). `gens` has one generator per row; `cond` the UNet's conditioning, {"context": (B, L, C)[, "y"]}
+    (or the context alone)."""
     device = x0.device
     noise = randn(x0.shape, gens, device)
     if noise_cfg.noise_offset:
@@ -135,7 +138,7 @@ def diffusion_loss(noise_cfg: Noise, x0, gens, context, n_inst, unet, alphas_cum
     a = alphas_cumprod[t].view(-1, 1, 1, 1)
     noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
     with amp:
-        pred = unet(noisy, t.float(), context)
+        pred = unet(noisy, t.float(), **({"context": cond} if isinstance(cond, torch.Tensor) else cond))
     weights = (
         min_snr_weights(alphas_cumprod[t], noise_cfg.snr_gamma, prediction) if noise_cfg.snr_gamma else None
     )
@@ -261,10 +264,12 @@ def preflight(cfg: TrainConfig, out: Path | None, warn: bool = True):
     are there (with a warning, if `warn`, naming the files that are not), the class folder is a folder, and a new
     run has somewhere to go."""
     found = find_model(cfg.model, "-m")
-    if cfg.lora and cfg.lora_text_encoder and read_config(found.path).text_encoder == "openclip":
-        raise BoothError("--lora-text-encoder is not built for SD 2.x's OpenCLIP text encoder yet; leave it out "
-                         "(the UNet's LoRA trains), or train the whole text encoder with -t instead of --lora")  # fmt: skip
+    if cfg.lora and cfg.lora_text_encoder and read_config(found.path).text_encoder != "clip":
+        raise BoothError("--lora-text-encoder is not built for OpenCLIP text encoders (SD 2.x, SDXL) yet; leave it "
+                         "out (the UNet's LoRA trains), or train the whole text encoder with -t instead of --lora")  # fmt: skip
     find_images(cfg.instance_dir, "instance", warn=warn)
+    if cfg.vae is not None:  # the VAE is checked against the model (from the headers) before a run exists
+        use_vae(read_checkpoint(found.path, lazy=True), find_vae(cfg.vae), lazy=True)
     if cfg.eval_every and eval_metric(cfg, found.path) == "paper":
         from .hub import find_tower  # the towers are found (or fetched) before any run folder is made
 
@@ -325,6 +330,8 @@ def load_base(cfg: TrainConfig, path: Path, dist: Dist) -> Base:
     device = dist.device
     amp_dtype, frozen, master = run_dtypes(cfg, device)
     ckpt = read_checkpoint(path)
+    if cfg.vae is not None:
+        use_vae(ckpt, find_vae(cfg.vae))
     base_hash = file_hash(path) if path.is_file() else ""
     # Frozen networks are saved as the base had them; their device copies hold exactly those values unless
     # they were rounded to a half precision other than the one checkpoints are saved in.
@@ -563,14 +570,16 @@ class DreamBooth:
         self.meta = self._metadata()
         self.monitor = None  # booth.evaluate.Monitor with --eval-every, on the main process
 
-    def _prompts(self, dist: Dist) -> Callable[[], torch.Tensor]:
-        """The instance and class prompts' embeddings (2, L, C): encoded once, unless the text encoder trains."""
+    def _prompts(self, dist: Dist) -> Callable[[], dict[str, torch.Tensor]]:
+        """The UNet's conditioning of the instance and class prompts (2 rows): encoded once, unless the text
+        encoder trains."""
         ids = self.sd.tokenize([self.cfg.instance_text, self.cfg.class_text]).to(dist.device)
+        size = tuple(self.cfg.hw)
         if self.cfg.train_text_encoder or (self.cfg.lora and self.cfg.lora_text_encoder):
             text_encoder = _wrap_ddp(self.model.text_encoder, dist, self.cfg.fused_backward)
-            return lambda: _encode(text_encoder, ids, self.amp)
+            return lambda: _encode(text_encoder, ids, self.amp, size)
         with torch.no_grad():
-            fixed = _encode(self.model.text_encoder, ids, self.amp)
+            fixed = _encode(self.model.text_encoder, ids, self.amp, size)
         return lambda: fixed
 
     def _metadata(self) -> dict[str, str]:
@@ -585,7 +594,7 @@ class DreamBooth:
         local = Path(
             cfg.model
         )  # a local base is recorded absolute, so `txt2img -c RUN/ckpts` finds it from anywhere
-        return {**meta, **kohya_metadata(cfg.lora, alpha, cfg.lora_targets, file["name"]),
+        return {**meta, **kohya_metadata(cfg.lora, alpha, cfg.lora_targets, file["name"], self.model.config),
                 "booth.base_model": str(local.resolve()) if local.exists() else cfg.model,
                 "booth.lora_rank": str(cfg.lora), "booth.lora_alpha": str(float(alpha)),
                 "booth.lora_targets": cfg.lora_targets, "booth.lora_text_encoder": str(cfg.lora_text_encoder),
@@ -593,9 +602,8 @@ class DreamBooth:
 
     def losses(self) -> dict[str, torch.Tensor]:
         x0, image_gens, n_inst = self.batches.next()
-        ctx = self.encode_text()  # (2, L, C): instance prompt, class prompt
-        context = torch.cat([ctx[:1].expand(n_inst, -1, -1), ctx[1:2].expand(len(x0) - n_inst, -1, -1)])
-        loss, inst, prior = diffusion_loss(self.cfg, x0, image_gens, context, n_inst, self.unet, self.alphas_cumprod,
+        cond = _rows(self.encode_text(), n_inst, len(x0))  # the instance prompt's, then the class prompt's
+        loss, inst, prior = diffusion_loss(self.cfg, x0, image_gens, cond, n_inst, self.unet, self.alphas_cumprod,
                                            self.amp, self.cfg.lamb, self.sd.config.prediction)  # fmt: skip
         return {"loss": loss, "instance_loss": inst, "prior_loss": prior}
 
@@ -679,11 +687,17 @@ def trainable(model, cfg: TrainConfig) -> tuple[dict | None, list[torch.Tensor]]
     return lora, params
 
 
-def _encode(text_encoder, ids: torch.Tensor, amp) -> torch.Tensor:
-    """(B, 77*K) ids -> (B, 77*K, C); chunks go through the module's own forward so DDP sees the call."""
-    b, length = ids.shape
+def _encode(text_encoder, ids: torch.Tensor, amp, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Token ids -> the UNet's conditioning for images of `size` (h, w); through the module's own forward,
+    so DDP sees the call."""
     with amp:
-        return text_encoder(ids.reshape(-1, 77)).reshape(b, length, -1)
+        return unet_inputs(encode_text(text_encoder, ids), size)
+
+
+def _rows(cond: dict[str, torch.Tensor], n_inst: int, rows: int) -> dict[str, torch.Tensor]:
+    """Two prompts' conditioning -> `rows` rows: the first prompt's `n_inst` times, then the second's."""
+    return {k: torch.cat([v[:1].expand(n_inst, *v.shape[1:]), v[1:2].expand(rows - n_inst, *v.shape[1:])])
+            for k, v in cond.items()}  # fmt: skip
 
 
 def save_model(path: Path, model, cfg: TrainConfig, meta: dict, file: dict) -> Path:
@@ -862,20 +876,19 @@ def _trace_step(cfg: TrainConfig, model, params: list, amp_dtype, mode, on: torc
     with mode, torch.device(device), memory.LiveBytes(model.parameters(), workspace) as live:
         with torch.no_grad():
             model.vae.encode(torch.empty(rows, 3, h, w, dtype=next(model.vae.parameters()).dtype))
-        ids = torch.zeros(2, model.config.clip.max_positions, dtype=torch.long)
+        ids = tokenize(get_tokenizer(), model.config, ["", ""])
         alphas = torch.linspace(0.999, 0.001, model.config.num_train_timesteps)
         for i in range(micro):
             armed[0] = i == micro - 1
             grad = cfg.train_text_encoder or bool(cfg.lora and cfg.lora_text_encoder)
             with torch.set_grad_enabled(grad):
-                ctx = _encode(model.text_encoder, ids, amp)
-            context = torch.cat([ctx[:1].expand(n, -1, -1), ctx[1:2].expand(rows - n, -1, -1)])
+                cond = _rows(_encode(model.text_encoder, ids, amp, (h, w)), n, rows)
             x0, gens = torch.empty(rows, 4, h // f, w // f), [torch.Generator() for _ in range(rows)]
             loss = diffusion_loss(
-                cfg, x0, gens, context, n, model.unet, alphas, amp, cfg.lamb, model.config.prediction
+                cfg, x0, gens, cond, n, model.unet, alphas, amp, cfg.lamb, model.config.prediction
             )[0]
             loss.backward()
-            del loss, ctx, context
+            del loss, cond
         for handle in hooks:
             handle.remove()
         return live.peak, live.live

@@ -1,6 +1,7 @@
-"""The Stable Diffusion v1 UNet (eps prediction), with the module names of CompVis `openaimodel.UNetModel`.
+"""The Stable Diffusion UNet of every family (SD1, SD 2.x, SDXL), with the module names of CompVis' and SGM's
+`openaimodel.UNetModel`; the families differ only in their UNetConfig.
 
-Because the names match, `model.diffusion_model.*` from any SD1 single-file checkpoint loads with one
+Because the names match, `model.diffusion_model.*` from any single-file checkpoint loads with one
 `load_state_dict` call: `input_blocks.N.M`, `middle_block`, `output_blocks`, `in_layers`, `emb_layers`,
 `out_layers`, `skip_connection`, `transformer_blocks`, `attn1`/`attn2`, `ff.net`.
 """
@@ -163,7 +164,7 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class UNetModel(nn.Module):
-    """eps-prediction UNet: (x (B,4,h,w), t (B,), context (B,L,768)) -> eps (B,4,h,w)."""
+    """UNet: (x (B,4,h,w), t (B,), context (B,L,C)[, y (B,adm)]) -> the prediction (eps or v) (B,4,h,w)."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -171,10 +172,15 @@ class UNetModel(nn.Module):
         self.model_channels = mc
         self.gradient_checkpointing = False
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        if (
+            cfg.adm_in_channels
+        ):  # SDXL: CompVis' num_classes "sequential", one more MLP into the time embedding
+            mlp = nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+            self.label_emb = nn.Sequential(mlp)
 
-        def transformer(ch):
+        def transformer(ch, level=None):
             return SpatialTransformer(
-                ch, cfg.heads(ch), cfg.transformer_depth, cfg.context_dim, g, cfg.linear_proj
+                ch, cfg.heads(ch), cfg.depth(level), cfg.context_dim, g, cfg.linear_proj
             )
 
         self.input_blocks = nn.ModuleList(
@@ -186,7 +192,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch, emb_ch, mult * mc, g)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -204,7 +210,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_ch, mult * mc, g)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, level))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -219,9 +225,15 @@ class UNetModel(nn.Module):
             return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """`y` (B, adm_in_channels): SDXL's pooled text and size features, for a UNet with label_emb."""
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(self.time_embed[0].weight.dtype))
+        if hasattr(self, "label_emb"):
+            if y is None:
+                raise ValueError("this UNet (SDXL) needs y, the pooled text and size features")
+            emb = emb + self.label_emb(y.to(emb.dtype))
         h, skips = x.to(emb.dtype), []
         for block in self.input_blocks:
             h = self._run(block, h, emb, context)

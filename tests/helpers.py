@@ -24,9 +24,11 @@ def ldm_original_config(cfg: ModelConfig) -> dict:
     unet = dict(
         image_size=32, in_channels=u.in_channels, out_channels=u.out_channels, model_channels=u.model_channels,
         attention_resolutions=list(u.attention_resolutions), num_res_blocks=u.num_res_blocks,
-        channel_mult=list(u.channel_mult), transformer_depth=u.transformer_depth,
-        context_dim=u.context_dim, use_linear_in_transformer=u.linear_proj,
+        channel_mult=list(u.channel_mult), context_dim=u.context_dim, use_linear_in_transformer=u.linear_proj,
+        transformer_depth=u.transformer_depth if isinstance(u.transformer_depth, int) else list(u.transformer_depth),
     )  # fmt: skip
+    if u.adm_in_channels:  # SDXL's label_emb, as sd_xl_base.yaml says it
+        unet.update(num_classes="sequential", adm_in_channels=u.adm_in_channels)
     # as the CompVis configs say it: SD1 a head count, SD 2.x a head width (diffusers then derives the counts)
     if u.num_head_channels:
         unet["num_head_channels"] = u.num_head_channels
@@ -57,6 +59,8 @@ def diffusers_unet(model: LatentDiffusion):
     sd = {k: v for k, v in model.state_dict().items() if k.startswith("model.diffusion_model.")}
     config = create_unet_diffusers_config_from_ldm(ldm_original_config(model.config), sd, image_size=256)
     config["norm_num_groups"] = model.config.unet.norm_groups
+    if model.config.unet.adm_in_channels:  # diffusers knows SDXL only by its full-size 2048-wide context
+        config.update(addition_embed_type="text_time", addition_time_embed_dim=256, class_embed_type=None)
     unet = UNet2DConditionModel(**config)
     unet.load_state_dict(convert_ldm_unet_checkpoint(sd, config), strict=True)
     return unet.eval()
@@ -77,7 +81,7 @@ def diffusers_vae(model: LatentDiffusion):
     return vae.eval()
 
 
-def transformers_clip(model: LatentDiffusion):
+def transformers_clip(model: LatentDiffusion, prefix: str = "cond_stage_model.transformer.text_model."):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     c = model.config.clip
@@ -87,7 +91,6 @@ def transformers_clip(model: LatentDiffusion):
         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
     )  # fmt: skip
     clip = CLIPTextModel(config)
-    prefix = "cond_stage_model.transformer.text_model."
     sd = {k[len(prefix) :]: v for k, v in model.state_dict().items() if k.startswith(prefix)}
     theirs = clip.state_dict()
     if any(k.startswith("text_model.") for k in theirs):  # transformers < 5 keeps a text_model. level
@@ -137,11 +140,31 @@ def write_clip_tokenizer(folder) -> None:
     (folder / "vocab.json").write_text(json.dumps(clip_vocab()), encoding="utf-8")
 
 
-def transformers_tokenizer(folder):
+def transformers_openclip(model: LatentDiffusion, prefix: str = "conditioner.embedders.1.model."):
+    """transformers' CLIPTextModelWithProjection of an OpenCLIP text tower, by diffusers' own converter."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    c = model.config.clip2 if prefix.startswith("conditioner.") else model.config.clip
+    config = CLIPTextConfig(
+        vocab_size=c.vocab_size, hidden_size=c.width, num_hidden_layers=c.layers, num_attention_heads=c.heads,
+        intermediate_size=c.intermediate, max_position_embeddings=c.max_positions, hidden_act=c.act,
+        projection_dim=c.projection, bos_token_id=49406, eos_token_id=49407, pad_token_id=0,
+    )  # fmt: skip
+    text = CLIPTextModelWithProjection(config)
+    converted = convert_open_clip_checkpoint(text, model.state_dict(), prefix=prefix)
+    if not any(k.startswith("text_model.") for k in text.state_dict()):  # transformers 5 flattened the model
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    missing, unexpected = text.load_state_dict(converted, strict=False)
+    assert all("position_ids" in k for k in missing) and not unexpected, (missing, unexpected)
+    return text.eval()
+
+
+def transformers_tokenizer(folder, pad: str = "<|endoftext|>"):
     from transformers import CLIPTokenizer
 
     write_clip_tokenizer(folder)
-    special = dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    special = dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token=pad)
     return CLIPTokenizer.from_pretrained(folder, unk_token="<|endoftext|>", model_max_length=77, **special)
 
 
@@ -160,6 +183,21 @@ def diffusers_pipeline(model: LatentDiffusion, tmp, img2img: bool = False):
         vae=diffusers_vae(model), text_encoder=transformers_clip(model), tokenizer=transformers_tokenizer(tmp),
         unet=diffusers_unet(model), scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def diffusers_sdxl_pipeline(model: LatentDiffusion, tmp):
+    """diffusers' StableDiffusionXLPipeline on booth's SDXL weights (its converters), with SDXL's scheduler
+    settings in DDIM (as the SD1 tests use), zeros for an empty negative prompt as SDXL base's config says."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(
+        vae=diffusers_vae(model), text_encoder=transformers_clip(model, "conditioner.embedders.0.transformer.text_model."),
+        text_encoder_2=transformers_openclip(model), tokenizer=transformers_tokenizer(Path(tmp) / "tokenizer"),
+        tokenizer_2=transformers_tokenizer(Path(tmp) / "tokenizer_2", pad="!"), unet=diffusers_unet(model),
+        scheduler=DDIMScheduler(**SD_SCHEDULER), force_zeros_for_empty_prompt=True,
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -123,5 +123,5 @@ def test_dreambooth_on_an_sd2_file_saves_a_file_that_loads_back(sd2, tmp_path, c
     build(SD2_TINY, device="cpu").load_state_dict(ckpt.state_dict, strict=True)
     capsys.readouterr()
     assert main(dreambooth_argv(path, tmp_path / "l", *fast, "--lora", "4", "--lora-text-encoder")) == 1
-    assert "--lora-text-encoder is not built for SD 2.x" in error_of(capsys)
+    assert "--lora-text-encoder is not built for OpenCLIP text encoders (SD 2.x, SDXL)" in error_of(capsys)
     assert not (tmp_path / "l").exists()

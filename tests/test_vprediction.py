@@ -179,7 +179,7 @@ def test_dreambooth_trains_a_v_model_on_the_v_target():
     noise, t = drawn()
     a = alphas[t].view(-1, 1, 1, 1)
     v_target = a.sqrt() * noise - (1 - a).sqrt() * x0
-    oracle = lambda noisy, tt, ctx: v_target  # noqa: E731
+    oracle = lambda noisy, tt, context: v_target  # noqa: E731
     context = torch.zeros(2, 3, 4)
     loss = lambda unet, prediction: train.diffusion_loss(  # noqa: E731
         Noise(), x0, [torch.Generator().manual_seed(s) for s in seeds], context, 2, unet, alphas,
@@ -187,7 +187,7 @@ def test_dreambooth_trains_a_v_model_on_the_v_target():
     )[0]  # fmt: skip
     assert loss(oracle, "v").item() == 0.0
     assert loss(oracle, "eps").item() > 0.1
-    assert loss(lambda noisy, tt, ctx: noise, "eps").item() == 0.0
+    assert loss(lambda noisy, tt, context: noise, "eps").item() == 0.0
 
 
 def test_min_snr_weights_for_v_are_diffusers():
