@@ -32,6 +32,7 @@ from .config import SDXL, CLIPConfig, ModelConfig, UNetConfig, VAEConfig
 from .errors import BoothError, first_line
 from .formats import (
     PICKLE_SUFFIXES,
+    SDXL_COMPONENT,
     WEIGHTS_PREFERENCE,
     looks_like_lora,
     not_a_model,
@@ -111,10 +112,13 @@ class Stub:
     layout code (`to_layout`, `read_diffusers`, `infer_config`, the checks of `load_model`) treats it as the
     tensor it stands for, so a model's networks can be checked up front and read one at a time later."""
 
-    __slots__ = ("file", "key", "dtype", "shape")
+    __slots__ = ("file", "key", "dtype", "shape", "op")
 
-    def __init__(self, file: _File, key: str, dtype: torch.dtype, shape):
-        self.file, self.key, self.dtype, self.shape = file, key, dtype, torch.Size(shape)
+    def __init__(
+        self, file: _File, key: str | tuple[str, ...], dtype: torch.dtype, shape, op: str | None = None
+    ):
+        """`op` "cat": the tensors of the keys `key` one after the other (a fused weight); "t": the transpose."""
+        self.file, self.key, self.dtype, self.shape, self.op = file, key, dtype, torch.Size(shape), op
 
     @property
     def ndim(self) -> int:
@@ -129,7 +133,7 @@ class Stub:
     def reshape(self, shape) -> Stub:
         if math.prod(shape) != self.numel():
             raise ValueError(f"cannot reshape {tuple(self.shape)} to {tuple(shape)}")
-        return Stub(self.file, self.key, self.dtype, shape)
+        return Stub(self.file, self.key, self.dtype, shape, self.op)
 
     def __getitem__(self, index) -> Stub:  # only reshaping views such as [:, :, None, None]
         return self.reshape(torch.empty(self.shape, device="meta")[index].shape)
@@ -254,7 +258,11 @@ def read_stubs(
         with file.opened() as read:
             for k in keys:
                 stub = stubs[k]
-                yield k, read(stub.key, device, dtype).reshape(stub.shape)
+                if stub.op == "cat":
+                    t = torch.cat([read(key, device, dtype) for key in stub.key])
+                else:
+                    t = read(stub.key, device, dtype)
+                yield k, (t.t().contiguous() if stub.op == "t" else t).reshape(stub.shape)
 
 
 def _safetensors_stubs(path: Path) -> tuple[dict[str, Stub], dict[str, str]]:
@@ -492,7 +500,10 @@ _OLD_VAE_ATTN = {"query.": "to_q.", "key.": "to_k.", "value.": "to_v.", "proj_at
 def diffusers_rules(cfg: ModelConfig) -> list[tuple[str, str, dict[str, str]]]:
     """(our prefix, diffusers prefix, renames of what follows the prefix), most specific first."""
     rules = _unet_rules(cfg.unet) + _vae_rules(cfg.vae)
-    rules.append((TEXT + "text_model.", "text_encoder:text_model.", {}))
+    rules += [
+        (TEXT + "text_model.", "text_encoder:text_model.", {}),
+        (SDXL_CLIP + "text_model.", "text_encoder:text_model.", {}),
+    ]
     return rules
 
 
@@ -572,7 +583,8 @@ def _rename(rest: str, renames: dict[str, str]) -> str:
 def read_diffusers(folder: Path, lazy: bool = False) -> Checkpoint:
     """A diffusers-format folder as a Checkpoint in the CompVis layout (of Stubs, with `lazy`)."""
     cfg = diffusers_config(folder)
-    parts = {name: _read_component(folder / name, lazy) for name in ("unet", "vae", "text_encoder")}
+    names = ("unet", "vae", "text_encoder", *([SDXL_COMPONENT] if cfg.clip2 else []))
+    parts = {name: _read_component(folder / name, lazy) for name in names}
     for old, new in _OLD_VAE_ATTN.items():
         parts["vae"] = {
             k.replace(f".attentions.0.{old}", f".attentions.0.{new}"): v for k, v in parts["vae"].items()
@@ -580,7 +592,14 @@ def read_diffusers(folder: Path, lazy: bool = False) -> Checkpoint:
     if not any(k.startswith("text_model.") for k in parts["text_encoder"]):  # newer transformers flatten it
         parts["text_encoder"] = {"text_model." + k: v for k, v in parts["text_encoder"].items()}
     rules, sd, missing = diffusers_rules(cfg), {}, []
+    if cfg.clip2:
+        try:
+            sd.update(_openclip_weights(parts[SDXL_COMPONENT], cfg.clip2, SDXL_OPENCLIP))
+        except KeyError as e:
+            raise BoothError(f"{folder / SDXL_COMPONENT} is missing the weight {e.args[0]}") from None
     for key, meta in build(cfg).state_dict().items():
+        if key in sd:
+            continue
         component, name = diffusers_name(key, rules).split(":", 1)
         t = parts[component].get(name)
         if t is None:
@@ -588,8 +607,42 @@ def read_diffusers(folder: Path, lazy: bool = False) -> Checkpoint:
             continue
         sd[key] = t.reshape(meta.shape) if t.shape != meta.shape and t.numel() == meta.numel() else t
     if missing:
-        raise BoothError(f"{folder} is missing {len(missing)} weights the SD1 model needs, e.g. {missing[0]}")
+        raise BoothError(f"{folder} is missing {len(missing)} weights the model needs, e.g. {missing[0]}")
     return Checkpoint(folder, cfg, sd, {})
+
+
+# transformers' names of an OpenCLIP layer's parts (diffusers' text_encoder_2), where they are not fused
+_OPENCLIP_LAYER = {"ln_1.": "layer_norm1.", "ln_2.": "layer_norm2.", "mlp.c_fc.": "mlp.fc1.",
+                   "mlp.c_proj.": "mlp.fc2.", "attn.out_proj.": "self_attn.out_proj."}  # fmt: skip
+
+
+def _openclip_weights(t: dict, cfg: CLIPConfig, prefix: str) -> dict:
+    """A transformers CLIPTextModelWithProjection's weights (SDXL's diffusers text_encoder_2) under OpenCLIP's
+    names at `prefix`: q, k and v stacked into in_proj, the projection transposed (a Linear's weight there)."""
+    tm = "text_model."
+    t = {k if k.startswith((tm, "text_projection.")) else tm + k: v for k, v in t.items()}
+    out = {prefix + "token_embedding.weight": t[tm + "embeddings.token_embedding.weight"],
+           prefix + "positional_embedding": t[tm + "embeddings.position_embedding.weight"],
+           prefix + "ln_final.weight": t[tm + "final_layer_norm.weight"],
+           prefix + "ln_final.bias": t[tm + "final_layer_norm.bias"],
+           prefix + "text_projection": _joined([t["text_projection.weight"]], "t")}  # fmt: skip
+    for i in range(cfg.layers):
+        ours, theirs = f"{prefix}transformer.resblocks.{i}.", f"{tm}encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{ours}attn.in_proj_{kind}"] = _joined(
+                [t[f"{theirs}self_attn.{x}_proj.{kind}"] for x in "qkv"], "cat"
+            )
+            out.update({ours + o + kind: t[theirs + th + kind] for o, th in _OPENCLIP_LAYER.items()})
+    return out
+
+
+def _joined(parts: list, op: str):
+    """Tensors (or Stubs of one file) concatenated ("cat") or the one transposed ("t")."""
+    if not isinstance(parts[0], Stub):
+        return torch.cat(parts) if op == "cat" else parts[0].t().contiguous()
+    shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:]) if op == "cat" else parts[0].shape[::-1]
+    key = tuple(p.key for p in parts) if op == "cat" else parts[0].key
+    return Stub(parts[0].file, key, parts[0].dtype, shape, op)
 
 
 def _read_component(folder: Path, lazy: bool = False) -> dict[str, torch.Tensor | Stub]:
@@ -620,28 +673,31 @@ def diffusers_config(folder: Path) -> ModelConfig:
         ("vae", _diffusers_vae),
         ("text_encoder", _diffusers_clip),
     ):
-        path = folder / name / "config.json"
-        c = raw[name] = _json(path)
-        try:
-            parts[name] = part_config(c)
-            parts[name].validate()
-        except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as e:
-            what = f"has no {e.args[0]!r}" if isinstance(e, KeyError) else f"has an impossible value ({e})"
-            raise BoothError(f"{path} {what}; is it a diffusers Stable Diffusion config?") from None
-        if name == "unet" and c.get("use_linear_projection"):
-            raise BoothError(
-                f"{folder} is an SD 2.x or SDXL diffusers folder, which booth does not read yet (it reads SD 2.x single files)"
-            )
+        raw[name] = _json(folder / name / "config.json")
+        parts[name] = _diffusers_part(folder / name / "config.json", part_config)
     unet, clip = parts["unet"], parts["text_encoder"]
-    if unet.context_dim != clip.width:
-        raise BoothError(
-            f"{folder} is an SD 2.x or SDXL diffusers folder, which booth does not read yet (it reads SD 2.x single files)"
-        )
+    xl = (folder / SDXL_COMPONENT / "config.json").is_file()
+    if not xl and (unet.linear_proj or unet.context_dim != clip.width):
+        raise BoothError(f"{folder} is an SD 2.x diffusers folder, which booth does not read yet: give its single "
+                         "file (such as v2-1_512-ema-pruned.safetensors), which it reads")  # fmt: skip
     scale = raw["vae"].get("scaling_factor", 0.18215)
     cfg = ModelConfig(
         unet=unet, vae=parts["vae"], clip=clip, scale_factor=scale, prediction=_prediction(folder)
     )
+    if xl:
+        clip2 = _diffusers_part(folder / SDXL_COMPONENT / "config.json", _diffusers_openclip)
+        cfg = dataclasses.replace(cfg, clip2=clip2, text_encoder="sdxl", sample_size=SDXL.sample_size)
     return checked(cfg, str(folder))
+
+
+def _diffusers_part(path: Path, part_config):
+    try:
+        part = part_config(_json(path))
+        part.validate()
+    except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as e:
+        what = f"has no {e.args[0]!r}" if isinstance(e, KeyError) else f"has an impossible value ({e})"
+        raise BoothError(f"{path} {what}; is it a diffusers Stable Diffusion config?") from None
+    return part
 
 
 _PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v"}  # diffusers' names for booth.config.PREDICTIONS
@@ -673,12 +729,16 @@ def _diffusers_unet(u: dict) -> UNetConfig:
             2**i for i, b in enumerate(_strs(u["down_block_types"])) if "CrossAttn" in b
         ),
         num_heads=heads if isinstance(heads, int) else heads[0],
-        transformer_depth=depth if isinstance(depth, int) else depth[0],
+        transformer_depth=depth if isinstance(depth, int) else tuple(depth),  # validate() checks each
         context_dim=u.get("cross_attention_dim") or 768,
         norm_groups=u.get("norm_num_groups", 32),
         # SD 2.x configs list a head count per level, all of one width (64): that width is what booth keeps
         num_head_channels=boc[0] // heads[0] if linear and not isinstance(heads, int) else None,
         linear_proj=linear,
+        # SDXL's add_embedding of the pooled text and time ids: CompVis' label_emb
+        adm_in_channels=u.get("projection_class_embeddings_input_dim") or 0
+        if u.get("addition_embed_type") == "text_time"
+        else 0,
     )
 
 
@@ -694,6 +754,10 @@ def _diffusers_vae(v: dict) -> VAEConfig:
         embed_dim=v.get("latent_channels", 4),
         norm_groups=v.get("norm_num_groups", 32),
     )
+
+
+def _diffusers_openclip(t: dict) -> CLIPConfig:
+    return dataclasses.replace(_diffusers_clip(t), projection=t["projection_dim"])
 
 
 def _diffusers_clip(t: dict) -> CLIPConfig:

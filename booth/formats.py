@@ -24,6 +24,9 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # The diffusers sub-models booth loads; anything else in a pipeline repo (safety_checker, ...) is skipped.
 COMPONENTS = ("unet", "vae", "text_encoder")
+SDXL_COMPONENT = (
+    "text_encoder_2"  # SDXL's OpenCLIP bigG (a CLIPTextModelWithProjection), needed where present
+)
 # Small folders fetched whole when present; booth ships its own CLIP vocabulary, so they are optional.
 OPTIONAL_FOLDERS = ("tokenizer", "scheduler")
 # One weights file per diffusers component, best first: safetensors never run code on load, full precision before

@@ -23,6 +23,7 @@ from .formats import (
     COMPONENTS,
     DEMO_FILE,
     OPTIONAL_FOLDERS,
+    SDXL_COMPONENT,
     TOWER_WEIGHTS,
     WEIGHTS_PREFERENCE,
     Found,
@@ -172,9 +173,10 @@ def diffusers_files(names: Iterable[str]) -> tuple[list[str], list[str]]:
     """Pick the files booth needs from a diffusers repo listing: (chosen, missing requirements)."""
     names = set(names)
     chosen, missing = [], []
-    for required in ["model_index.json", *(f"{c}/config.json" for c in COMPONENTS)]:
+    components = (*COMPONENTS, SDXL_COMPONENT) if f"{SDXL_COMPONENT}/config.json" in names else COMPONENTS
+    for required in ["model_index.json", *(f"{c}/config.json" for c in components)]:
         (chosen if required in names else missing).append(required)
-    for component in COMPONENTS:
+    for component in components:
         candidates = [f"{component}/{w}" for w in WEIGHTS_PREFERENCE if f"{component}/{w}" in names]
         if candidates:
             chosen.append(candidates[0])

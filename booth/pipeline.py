@@ -198,7 +198,12 @@ class StableDiffusion:
             return self._cache["prompt"][1]
         ids = self.tokenize(prompts + negatives)  # one batch, so all share K
         self._use("text_encoder")
-        emb = encode_text(self.model.text_encoder, ids, clip_skip)
+        # a model in memory may keep its text encoder off the device (training parks a frozen one on the host)
+        where = _place(self.model, "text_encoder")
+        emb = {
+            k: v.to(self.device)
+            for k, v in encode_text(self.model.text_encoder, ids.to(where), clip_skip).items()
+        }
         self._release("text_encoder")
         if self.config.text_encoder == "sdxl":
             empty = torch.tensor([not text for text in negatives], device=self.device)

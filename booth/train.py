@@ -351,6 +351,12 @@ def run_dtypes(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | No
     return amp_dtype, frozen, torch.bfloat16 if cfg.weights == "bf16" else torch.float32
 
 
+def parks_text_encoder(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether a frozen text encoder leaves the GPU once the prompts are encoded (SDXL's two hold 1.6 GB in fp16),
+    for the previews to run it in host memory."""
+    return device.type == "cuda" and not (cfg.train_text_encoder or (cfg.lora and cfg.lora_text_encoder))
+
+
 def network_dtypes(cfg: TrainConfig, frozen: torch.dtype, master: torch.dtype) -> dict[str, torch.dtype]:
     """Each network's dtype on the device: LoRA trains adapters on a frozen UNet."""
     return {"unet": frozen if cfg.lora else master, "vae": frozen,
@@ -580,6 +586,8 @@ class DreamBooth:
             return lambda: _encode(text_encoder, ids, self.amp, size)
         with torch.no_grad():
             fixed = _encode(self.model.text_encoder, ids, self.amp, size)
+        if parks_text_encoder(self.cfg, dist.device):  # its work is done: previews run it on the host
+            self.model.text_encoder.to("cpu")
         return lambda: fixed
 
     def _metadata(self) -> dict[str, str]:
@@ -770,8 +778,12 @@ def forecast(cfg: TrainConfig, config: ModelConfig, device: torch.device, itemsi
                                      encode=False) if generate else 0  # fmt: skip
     if cfg.sample_every:  # the previews (two images) sample beside the optimizer's state
         peak = max(peak, memory.sampling_bytes(config, h, w, 2, frozen.itemsize, True, encode=False))
-    out = Forecast(sum(p.numel() * p.element_size() for p in model.parameters()), state,
-                   peak + transient if cfg.fused_backward else max(peak, end + transient), sampling)  # fmt: skip
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if parks_text_encoder(cfg, device):  # on the device while the class images are made, not while training
+        text = sum(p.numel() * p.element_size() for p in model.text_encoder.parameters())
+        weights, sampling = weights - text, sampling + text if generate else 0
+    out = Forecast(weights, state, peak + transient if cfg.fused_backward else max(peak, end + transient),
+                   sampling)  # fmt: skip
     if device.type == "cpu":  # what the run keeps in host memory is on the device too
         out.save, out.host = _host_bytes(cfg, model, frozen, itemsize, photos)
     return out

@@ -176,7 +176,9 @@ def test_peft_lora_gives_booth_the_same_model(model, tmp_path):
     save_file({k: v.contiguous() for k, v in unet_sd.items()}, tmp_path / "bare.safetensors")
     a = updates(read_lora(tmp_path / "bare.safetensors"), TINY, shapes(model))
     b = updates(read_lora(plain), TINY, shapes(model))
-    assert a.keys() <= b.keys() and all(torch.equal(a[k][1], b[k][1]) and a[k][2] == b[k][2] for k in a)
+    assert a.keys() <= b.keys() and all(
+        torch.equal(a[k][0][1], b[k][0][1]) and a[k][0][2] == b[k][0][2] for k in a
+    )
 
 
 def shapes(m):
@@ -206,7 +208,7 @@ def test_older_diffusers_spellings_read_the_same(model, tmp_path):
                 old[f"text_encoder.{dotted}_lora.{name}"] = v
     save_checkpoint(old, tmp_path / "old.safetensors")
     a, b = (updates(read_lora(p), TINY, shapes(model)) for p in (tmp_path / "old.safetensors", file))
-    assert a and a.keys() <= b.keys() and all(torch.equal(a[k][0], b[k][0]) for k in a)
+    assert a and a.keys() <= b.keys() and all(torch.equal(a[k][0][0], b[k][0][0]) for k in a)
 
 
 def _diffusers_path(kohya: str) -> str:

@@ -125,3 +125,16 @@ def test_dreambooth_on_an_sd2_file_saves_a_file_that_loads_back(sd2, tmp_path, c
     assert main(dreambooth_argv(path, tmp_path / "l", *fast, "--lora", "4", "--lora-text-encoder")) == 1
     assert "--lora-text-encoder is not built for OpenCLIP text encoders (SD 2.x, SDXL)" in error_of(capsys)
     assert not (tmp_path / "l").exists()
+
+
+def test_an_sd2_diffusers_folder_is_refused_with_what_to_give_instead(sd2, tmp_path, capsys):
+    """diffusers' SD 2.x folders drop the text encoder's last layer (which booth's OpenCLIP module keeps), so
+    they are not read yet; the message names the single file to use."""
+    from helpers import error_of
+
+    _, model = sd2
+    diffusers_sd2(model, tmp_path / "tok").save_pretrained(tmp_path / "sd2-folder")
+    assert main(["txt2img", "-c", str(tmp_path / "sd2-folder"), "-p", PROMPT, "-o", str(tmp_path / "o")]) == 1
+    message = error_of(capsys)
+    assert "is an SD 2.x diffusers folder, which booth does not read yet: give its single file" in message
+    assert not (tmp_path / "o").exists()

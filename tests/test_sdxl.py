@@ -285,3 +285,25 @@ def test_dreambooth_on_sdxl_trains_both_text_encoders_and_saves_a_file_diffusers
     cond = StableDiffusion.from_pretrained(str(ckpt.path)).encode_prompt(PROMPT)[0]
     close(cond["context"], ref[0], 1e-4)
     close(cond["pooled"], ref[2], 1e-4)
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_an_sdxl_diffusers_folder_reads_to_the_same_weights_and_images(sdxl, theirs, tmp_path, lazy):
+    """diffusers' own SDXL folder (text_encoder_2 a CLIPTextModelWithProjection, its q/k/v apart): booth reads it
+    into SGM's layout, bigG's attention fused back into in_proj, to the same weights as the file it came from."""
+    from booth.checkpoint import read_stubs
+
+    path, model = sdxl
+    theirs.save_pretrained(tmp_path / "xl")
+    ckpt = read_checkpoint(tmp_path / "xl", lazy=lazy)
+    assert ckpt.config == TINY_SDXL
+    weights = dict(read_stubs(ckpt.state_dict)) if lazy else ckpt.state_dict
+    expected = model.state_dict()
+    assert weights.keys() == expected.keys()
+    for k, v in expected.items():
+        torch.testing.assert_close(weights[k], v, rtol=0, atol=0, msg=k)
+    if lazy:
+        settings = Settings(steps=2, sampler="ddim", schedule="uniform", height=32, width=32)
+        a, b = (StableDiffusion.from_pretrained(str(p)).txt2img(PROMPT, NEGATIVE, [SEED], settings)[0]
+                for p in (tmp_path / "xl", path))  # fmt: skip
+        assert np.array_equal(np.asarray(a), np.asarray(b))
