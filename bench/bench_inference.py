@@ -12,7 +12,12 @@ loads, and as an fp16 and an fp32 .safetensors file and an fp16 .ckpt), CPU fp32
 the four, and the fp16 file again with --low-memory; every row is compared with diffusers' one run.
 On a GPU: `--device cuda --dtype fp16 --size 512`.
 
+`--family sdxl`: full SDXL base (2.57 B UNet parameters, both text encoders) in random weights instead, written as
+an fp16 .safetensors file (SGM's layout) and as diffusers' fp16 folder (StableDiffusionXLPipeline); booth loads the
+file, diffusers its folder. About 7 GB of disk for each, and 16 GB of memory to write them.
+
     python bench/bench_inference.py                       # CPU: about 6 minutes on 2 cores
+    python bench/bench_inference.py --family sdxl --size 512 --steps 3 --formats safetensors
     python bench/bench_inference.py --formats safetensors # booth from the fp16 file only
     python bench/bench_inference.py --device cuda --dtype fp16 --size 512 --steps 20
 """
@@ -40,6 +45,36 @@ def peak_rss_mb() -> float:
 
 
 FORMATS = ("safetensors", "safetensors-fp32", "ckpt", "diffusers", "low-memory")
+
+
+def prepare_sdxl(workdir: Path) -> dict[str, Path]:
+    """Random SDXL weights, made in fp16 (half the memory of fp32), as a single file and a diffusers folder."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from helpers import diffusers_sdxl_pipeline
+
+    from booth.checkpoint import save_checkpoint
+    from booth.config import SDXL
+    from booth.model import build
+
+    files = {
+        "safetensors": workdir / "sdxl-random.safetensors",
+        "diffusers": workdir / "sdxl-random-diffusers",
+    }
+    files["low-memory"] = files["safetensors"]
+    if files["safetensors"].exists() and (files["diffusers"] / "model_index.json").exists():
+        return files
+    workdir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.float16)
+    model = build(SDXL, device="cpu")
+    save_checkpoint(model.state_dict(), files["safetensors"], dtype=torch.float16)
+    diffusers_sdxl_pipeline(model, workdir / "tokenizer-xl").save_pretrained(
+        files["diffusers"], safe_serialization=True
+    )
+    torch.set_default_dtype(torch.float32)
+    return files
 
 
 def prepare(workdir: Path) -> dict[str, Path]:
@@ -124,10 +159,13 @@ def _booth(args, device, dtype):
 
 def _diffusers(args, device, dtype):
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, safety_checker=None,
-                                                   requires_safety_checker=False).to(device)  # fmt: skip
+    if args.family == "sdxl":
+        pipe = StableDiffusionXLPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False).to(device)  # fmt: skip
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     now = _clock(device)
@@ -149,13 +187,15 @@ def _diffusers(args, device, dtype):
 
 def spawn(which: str, model: Path, args, low_memory: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", which, "--model", str(model), "--device", args.device,
-           "--dtype", args.dtype, "--size", str(args.size), "--steps", str(args.steps), "--batch", str(args.batch)]  # fmt: skip
+           "--dtype", args.dtype, "--size", str(args.size), "--steps", str(args.steps), "--batch", str(args.batch),
+           "--family", args.family]  # fmt: skip
     return run_worker(cmd + ["--low-memory"] * low_memory, which)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--family", default="sd1", choices=["sd1", "sdxl"])
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--steps", type=int, default=6)
@@ -171,14 +211,16 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    files = prepare(args.workdir)
+    files = prepare_sdxl(args.workdir) if args.family == "sdxl" else prepare(args.workdir)
+    if not set(args.formats) <= files.keys():
+        sys.exit(f"--family {args.family} has the formats {', '.join(files)}")
     runs = {k: [] for k in ["(diffusers)", *args.formats]}
     for _ in range(args.repeats):  # interleaved, so drift in machine load hits all alike
         runs["(diffusers)"].append(spawn("diffusers", files["diffusers"], args))
         for fmt in args.formats:
             runs[fmt].append(spawn("booth", files[fmt], args, low_memory=fmt == "low-memory"))
     best = {k: {m: min(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
-    print(f"SD1 random weights, {args.device} {args.dtype}, {args.size}x{args.size}, batch {args.batch}, "
+    print(f"{args.family.upper()} random weights, {args.device} {args.dtype}, {args.size}x{args.size}, batch {args.batch}, "
           f"{args.steps} DDIM steps with CFG (best of {args.repeats}); diffusers loads its fp16 folder")  # fmt: skip
     d = best["(diffusers)"]
     print(f"{'booth from':<18}" + "".join(f"{m:>18}" for m in d))

@@ -54,10 +54,12 @@ from .errors import BoothError
 from .formats import LORA_FOLDER_FILE, PICKLE_SUFFIXES, looks_like_lora
 from .hub import find_model
 from .model import build
+from .openclip import Attention
 from .options import LORA_TARGETS
 
-# kohya's text-encoder LoRA: CLIPAttention and CLIPMLP layers.
+# kohya's text-encoder LoRA: CLIPAttention and CLIPMLP layers (OpenCLIP's: with q, k and v fused, see fused_path)
 TEXT_TARGETS = r"self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.fc[12]"
+OPENCLIP_TARGETS = r"attn\.out_proj|mlp\.c_fc|mlp\.c_proj"
 MAX_WEIGHT = 10.0  # |weight| above this is a typo rather than a setting (sliders use up to about 5-8)
 PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 # SDXL's OpenCLIP bigG under the transformers names kohya and diffusers give it: module -> (ours, rows of 3)
@@ -96,20 +98,59 @@ class LoRALayer(nn.Module):
         return self.base(x) + self.up(self.down(x)) * self.scale
 
 
+class Adapter(nn.Module):
+    """A trainable low-rank update alone, scale * up(down(x)), for a weight that is not a layer of its own."""
+
+    def __init__(self, features: int, out: int, rank: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        self.rank, self.alpha, self.scale = rank, float(alpha), alpha / rank
+        self.down, self.up = nn.Linear(features, rank, bias=False), nn.Linear(rank, out, bias=False)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5), generator=generator)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x)) * self.scale
+
+
+class QKVAdapter(nn.Module):
+    """LoRA on a fused q/k/v projection (OpenCLIP's in_proj): one update per third, as kohya and diffusers
+    train q_proj, k_proj and v_proj apart."""
+
+    def __init__(self, width: int, rank: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        self.parts = nn.ModuleList([Adapter(width, width, rank, alpha, generator) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+
+QKV = "qkv"  # the fused projection's thirds, as virtual layers `<attn>.in_proj.q` (fused_path)
+
+
+def fused_path(attn: str, third: int) -> str:
+    return f"{attn}.in_proj.{QKV[third]}"
+
+
 def target_paths(model: nn.Module, targets: str = "attn", text_encoder: bool = False) -> list[str]:
-    """Module paths (in the LatentDiffusion tree) of the layers a LoRA with these targets adapts."""
+    """Module paths (in the LatentDiffusion tree) of the layers a LoRA with these targets adapts; an OpenCLIP
+    attention's fused q/k/v counts as three (fused_path)."""
     if targets not in LORA_TARGETS:
         raise BoothError(f"unknown LoRA targets {targets!r}; choose one of: {', '.join(LORA_TARGETS)}")
     unet = re.compile(rf"(.*\.)?({'|'.join(LORA_TARGETS[targets])})")
     text = re.compile(rf"(.*\.)?({TEXT_TARGETS})")
+    openclip = re.compile(rf"(.*\.)?({OPENCLIP_TARGETS})")
     found = []
     for path, module in model.named_modules():
+        if text_encoder and isinstance(module, Attention):
+            found += [fused_path(path, i) for i in range(3)]
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
-        if (path.startswith(UNET) and unet.fullmatch(path)) or (
-            text_encoder and path.startswith(TEXT) and text.fullmatch(path)
-        ):
-            found.append(path)
+        if path.startswith(UNET):
+            found += [path] if unet.fullmatch(path) else []
+        elif text_encoder and path.startswith((TEXT, SDXL_CLIP)):
+            found += [path] if text.fullmatch(path) else []
+        elif text_encoder and path.startswith((OPENCLIP, SDXL_OPENCLIP)):
+            found += [path] if openclip.fullmatch(path) else []
     return found
 
 
@@ -120,6 +161,14 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, targets: s
     generator = torch.Generator().manual_seed(seed)
     layers = {}
     for path in target_paths(model, targets, text_encoder):
+        attn, fused, third = path.rpartition(".in_proj.")
+        if fused:
+            if third == QKV[0]:
+                base = model.get_submodule(attn)
+                base.adapter = QKVAdapter(base.out_proj.in_features, rank, rank if alpha is None else alpha,
+                                          generator).to(base.in_proj_weight.device)  # fmt: skip
+            layers[path] = model.get_submodule(attn).adapter.parts[QKV.index(third)]
+            continue
         parent_path, _, name = path.rpartition(".")
         parent, base = model.get_submodule(parent_path), model.get_submodule(path)
         layer = LoRALayer(base, rank, rank if alpha is None else alpha, generator)
@@ -192,7 +241,15 @@ def kohya_names(config: ModelConfig) -> dict[str, str]:
         if isinstance(module, (nn.Linear, nn.Conv2d)) and path.startswith((UNET, TEXT)):
             component, theirs = diffusers_name(path + ".weight", rules).split(":", 1)
             names[path] = PREFIX[component] + theirs.removesuffix(".weight").replace(".", "_")
+    if config.text_encoder == "openclip":
+        names.update(_openclip_names(OPENCLIP, "lora_te_", config.clip.layers))
     return names
+
+
+def _openclip_names(prefix: str, lora_prefix: str, layers: int) -> dict[str, str]:
+    """An OpenCLIP tower's module paths (a fused third's: fused_path) -> kohya's names for them."""
+    return {path if third is None else fused_path(path.removesuffix(".in_proj"), third): name
+            for name, (path, third) in _openclip_lookup(prefix, lora_prefix, layers).items()}  # fmt: skip
 
 
 def _sdxl_names(config: ModelConfig) -> dict[str, str]:
@@ -204,10 +261,7 @@ def _sdxl_names(config: ModelConfig) -> dict[str, str]:
             names[path] = "lora_unet_" + path[len(UNET) :].replace(".", "_")
         elif path.startswith(SDXL_CLIP):
             names[path] = "lora_te1_" + path[len(SDXL_CLIP) :].replace(".", "_")
-    for name, (path, third) in _openclip_lookup(SDXL_OPENCLIP, "lora_te2_", config.clip2.layers).items():
-        if third is None:
-            names[path] = name
-    return names
+    return {**names, **_openclip_names(SDXL_OPENCLIP, "lora_te2_", config.clip2.layers)}
 
 
 @functools.lru_cache(maxsize=8)
@@ -216,7 +270,7 @@ def _lookup(config: ModelConfig) -> dict[str, tuple[str, int | None]]:
     too: our own CompVis one (`lora_unet_input_blocks_1_1_...`) as A1111 does, and for SDXL diffusers' paths and
     `lora_te_` for CLIP-L."""
     names = kohya_names(config)
-    table = {k: (p, None) for p, k in names.items()}
+    table = {k: (p, None) for p, k in names.items() if ".in_proj." not in p}  # fused thirds: _openclip_lookup
     table.update(
         {"lora_unet_" + p[len(UNET) :].replace(".", "_"): (p, None) for p in names if p.startswith(UNET)}
     )

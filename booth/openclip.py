@@ -3,8 +3,8 @@ one (ViT-bigG/14, `conditioner.embedders.1.model.*`).
 
 Attribute names are OpenCLIP's own, which are how those checkpoints store it, so a file loads with `strict=True`
 and no renaming: `token_embedding`, `positional_embedding`, `transformer.resblocks.N.{ln_1, attn, ln_2,
-mlp.c_fc, mlp.c_proj}`, `ln_final`, `text_projection`. The attention is torch's own `nn.MultiheadAttention`,
-whose fused `in_proj_weight` (q, k and v stacked) is what OpenCLIP saves.
+mlp.c_fc, mlp.c_proj}`, `ln_final`, `text_projection`. The attention keeps the names of torch's
+`nn.MultiheadAttention`, which OpenCLIP uses: one fused `in_proj_weight` (q, k and v stacked) and `out_proj`.
 
 Both models condition on an earlier layer than the last: SD 2.x on the penultimate layer's output through the
 final norm, SDXL on the penultimate layer's output as it is (`hidden`), and SDXL's pooled embedding is the final
@@ -16,23 +16,46 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import CLIPConfig
+from .layers import attention
+
+
+class Attention(nn.Module):
+    """Causal self-attention under nn.MultiheadAttention's names (and initialisation). `adapter`, when booth.lora
+    sets one, adds its low-rank q, k and v updates to the fused projection."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+        self.register_module("adapter", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        if self.adapter is not None:
+            qkv = qkv + self.adapter(x)
+        q, k, v = qkv.chunk(3, dim=-1)
+        return self.out_proj(attention(q, k, v, self.heads, causal=True))  # causal, as CLIP was trained
 
 
 class ResidualAttentionBlock(nn.Module):
     def __init__(self, width: int, heads: int, intermediate: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, intermediate), gelu=nn.GELU(),
                                              c_proj=nn.Linear(intermediate, width)))  # fmt: skip
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = self.ln_1(x)
-        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -71,15 +94,12 @@ class OpenCLIPText(nn.Module):
         self, ids: torch.Tensor, skip: int, to_end: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the output without the last `skip` layers, and with `to_end` the last layer's) in one pass."""
-        n = ids.shape[1]
-        x = self.token_embedding(ids) + self.positional_embedding[:n]
-        # causal, as CLIP was trained; a float mask (as OpenCLIP builds it), so any dtype works
-        mask = torch.full((n, n), float("-inf"), device=ids.device, dtype=x.dtype).triu(1)
+        x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
         blocks = self.transformer.resblocks
         stop = len(blocks) - skip
         early = x if stop <= 0 else None
         for i, block in enumerate(blocks if to_end else blocks[:stop]):
-            x = block(x, mask)
+            x = block(x)
             early = x if i == stop - 1 else early
         return early, x if to_end else None
 

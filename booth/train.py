@@ -264,9 +264,6 @@ def preflight(cfg: TrainConfig, out: Path | None, warn: bool = True):
     are there (with a warning, if `warn`, naming the files that are not), the class folder is a folder, and a new
     run has somewhere to go."""
     found = find_model(cfg.model, "-m")
-    if cfg.lora and cfg.lora_text_encoder and read_config(found.path).text_encoder != "clip":
-        raise BoothError("--lora-text-encoder is not built for OpenCLIP text encoders (SD 2.x, SDXL) yet; leave it "
-                         "out (the UNet's LoRA trains), or train the whole text encoder with -t instead of --lora")  # fmt: skip
     find_images(cfg.instance_dir, "instance", warn=warn)
     if cfg.vae is not None:  # the VAE is checked against the model (from the headers) before a run exists
         use_vae(read_checkpoint(found.path, lazy=True), find_vae(cfg.vae), lazy=True)

@@ -109,8 +109,9 @@ def test_an_sd2_config_is_read_from_the_shapes_of_a_full_size_file():
 
 def test_dreambooth_on_an_sd2_file_saves_a_file_that_loads_back(sd2, tmp_path, capsys):
     """Two steps of the whole UNet and the text encoder (-t): the checkpoint is an SD 2.x file in the original
-    layout, its trained text encoder under cond_stage_model.model.; LoRA on the OpenCLIP encoder is refused."""
-    from helpers import dreambooth_argv, error_of
+    layout, its trained text encoder under cond_stage_model.model.; a LoRA of the OpenCLIP encoder too
+    (--lora-text-encoder) is saved under kohya's (transformers') names."""
+    from helpers import dreambooth_argv
 
     path, model = sd2
     fast = ["--hw", "32", "32", "--class-img-count", "2", "--gb", "2", "--ddim-steps", "2", "--iterations", "2",
@@ -121,10 +122,12 @@ def test_dreambooth_on_an_sd2_file_saves_a_file_that_loads_back(sd2, tmp_path, c
     key = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"
     assert not torch.equal(ckpt.state_dict[key], model.state_dict()[key]), "the text encoder trained"
     build(SD2_TINY, device="cpu").load_state_dict(ckpt.state_dict, strict=True)
-    capsys.readouterr()
-    assert main(dreambooth_argv(path, tmp_path / "l", *fast, "--lora", "4", "--lora-text-encoder")) == 1
-    assert "--lora-text-encoder is not built for OpenCLIP text encoders (SD 2.x, SDXL)" in error_of(capsys)
-    assert not (tmp_path / "l").exists()
+    assert main(dreambooth_argv(path, tmp_path / "l", *fast, "--lora", "4", "--lora-text-encoder")) == 0
+    from booth.lora import read_lora
+
+    names = read_lora(tmp_path / "l" / "run0" / "ckpts" / "step-000002.safetensors").layers
+    for part in ("self_attn_q_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2"):
+        assert f"lora_te_text_model_encoder_layers_0_{part}" in names, "kohya's names for the OpenCLIP layers"
 
 
 def test_an_sd2_diffusers_folder_is_refused_with_what_to_give_instead(sd2, tmp_path, capsys):

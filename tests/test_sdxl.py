@@ -307,3 +307,37 @@ def test_an_sdxl_diffusers_folder_reads_to_the_same_weights_and_images(sdxl, the
         a, b = (StableDiffusion.from_pretrained(str(p)).txt2img(PROMPT, NEGATIVE, [SEED], settings)[0]
                 for p in (tmp_path / "xl", path))  # fmt: skip
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_lora_of_both_sdxl_text_encoders_trains_and_diffusers_reads_it_to_the_same_conditioning(sdxl, theirs,
+                                                                                                  tmp_path):  # fmt: skip
+    """--lora-text-encoder on SDXL: LoRA on CLIP-L (lora_te1_) and on bigG (lora_te2_, its q/k/v trained as
+    thirds of OpenCLIP's fused in_proj); diffusers' load_lora_weights places every layer and computes the
+    conditioning booth computes from the same file, which differs from the base's."""
+    import copy
+
+    from helpers import dreambooth_argv
+
+    from booth.lora import read_lora
+
+    path, _ = sdxl
+    args = [*FAST, "--lora", "4", "--lora-text-encoder", "--learning-rate", "1e-2", "--iterations", "2"]
+    assert main(dreambooth_argv(path, tmp_path / "o", *args)) == 0
+    file = tmp_path / "o" / "run0" / "ckpts" / "step-000002.safetensors"
+    lora = read_lora(file)
+    for name in ("lora_te1_text_model_encoder_layers_1_self_attn_q_proj", "lora_te2_text_model_encoder_layers_2_mlp_fc2",
+                 "lora_te2_text_model_encoder_layers_0_self_attn_k_proj"):  # fmt: skip
+        assert name in lora.layers
+    assert lora.layers["lora_te2_text_model_encoder_layers_0_self_attn_v_proj"]["up"].abs().sum() > 0, (
+        "it trained"
+    )
+    pipe = copy.deepcopy(theirs)
+    pipe.load_lora_weights(str(file))
+    ref = pipe.encode_prompt(PROMPT, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+    sd = StableDiffusion.from_pretrained(str(path))
+    before = sd.encode_prompt(PROMPT)[0]
+    sd.set_loras([(lora, 1.0)])
+    cond = sd.encode_prompt(PROMPT)[0]
+    close(cond["context"], ref[0], 1e-4)
+    close(cond["pooled"], ref[2], 1e-4)
+    assert (cond["pooled"] - before["pooled"]).abs().max() > 1e-3
