@@ -47,6 +47,7 @@ SDXL_CLIP, SDXL_OPENCLIP = "conditioner.embedders.0.transformer.", "conditioner.
 CONFIG_KEY = "booth.config"  # safetensors metadata entry holding a booth-written file's ModelConfig
 # An empty tensor some tools (ComfyUI, kohya) put in a v-prediction model's single file to say so
 V_PRED_KEY = "v_pred"
+ZTSNR_KEY = "ztsnr"  # and one some put in a model trained to zero terminal SNR (with v_pred)
 
 # Keys of CompVis checkpoints that are not weights of the three networks.
 _SCHEDULE_BUFFERS = {
@@ -340,7 +341,7 @@ def to_layout(
         if (
             k in _SCHEDULE_BUFFERS
             or k in _EXTRAS
-            or k == V_PRED_KEY
+            or k in (V_PRED_KEY, ZTSNR_KEY)
             or k.startswith("model_ema.")
             or k.endswith("position_ids")
         ):
@@ -682,7 +683,12 @@ def diffusers_config(folder: Path) -> ModelConfig:
                          "file (such as v2-1_512-ema-pruned.safetensors), which it reads")  # fmt: skip
     scale = raw["vae"].get("scaling_factor", 0.18215)
     cfg = ModelConfig(
-        unet=unet, vae=parts["vae"], clip=clip, scale_factor=scale, prediction=_prediction(folder)
+        unet=unet,
+        vae=parts["vae"],
+        clip=clip,
+        scale_factor=scale,
+        prediction=_prediction(folder),
+        zero_snr=_scheduler(folder).get("rescale_betas_zero_snr") is True,
     )
     if xl:
         clip2 = _diffusers_part(folder / SDXL_COMPONENT / "config.json", _diffusers_openclip)
@@ -703,12 +709,18 @@ def _diffusers_part(path: Path, part_config):
 _PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v"}  # diffusers' names for booth.config.PREDICTIONS
 
 
+def _scheduler(folder: Path) -> dict:
+    path = folder / "scheduler" / "scheduler_config.json"
+    config = _json(path) if path.is_file() else {}
+    if not isinstance(config, dict):
+        raise BoothError(f"{path} is not a JSON object; is it a diffusers scheduler config?")
+    return config
+
+
 def _prediction(folder: Path) -> str:
     """What a diffusers model's UNet predicts, from its scheduler's config (eps where there is none)."""
     path = folder / "scheduler" / "scheduler_config.json"
-    if not path.is_file():
-        return "eps"
-    kind = _json(path).get("prediction_type", "epsilon")
+    kind = _scheduler(folder).get("prediction_type", "epsilon")
     if kind not in _PREDICTION_TYPES:
         raise BoothError(f"{path} says the model predicts {kind!r}; booth runs eps and v_prediction models")
     return _PREDICTION_TYPES[kind]
@@ -854,9 +866,11 @@ def read_checkpoint(path: str | os.PathLike, ema: bool = False, lazy: bool = Fal
 
 
 def _inferred(raw: dict, sd: dict, source: str) -> ModelConfig:
-    """A single file's config from its shapes, and from the key that marks a v-prediction model."""
+    """A single file's config from its shapes, and from the keys that mark a v-prediction (zero-SNR) model."""
     cfg = infer_config(sd, source)
-    return dataclasses.replace(cfg, prediction="v") if V_PRED_KEY in raw else cfg
+    if V_PRED_KEY in raw or ZTSNR_KEY in raw:
+        cfg = dataclasses.replace(cfg, prediction="v", zero_snr=ZTSNR_KEY in raw)
+    return cfg
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:

@@ -89,6 +89,9 @@ SAMPLING = (  # booth.options.Settings
          {"choices": PREDICTIONS}),
     Flag("--cfg-rescale", "cfg_rescale", "guidance rescale phi from 0 to 1 (Lin et al. 2023; 0.7 is usual for v "
                                          "models; default {default})"),
+    Flag("--zero-snr", "zero_snr", "the noise schedule rescaled to zero terminal SNR (Lin et al. 2023), for v "
+                                   "models trained on it (default: what the model records: a ztsnr key, a diffusers "
+                                   "scheduler config, booth's header)"),
 )
 VAE_HELP = ("a VAE instead of the model's own: a file (original or diffusers layout), a diffusers VAE folder, "
             f"OWNER/NAME/FILE on the Hub, or {', '.join(VAE_ALIASES)} (SDXL in fp16)")

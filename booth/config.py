@@ -185,6 +185,9 @@ class ModelConfig:
     pyramid_noise: float = 0.0
     sample_size: int = 512  # the image side the model was trained at: the default --hw
     prediction: str = "eps"  # what the UNet predicts (PREDICTIONS): v for SD 2.x 768-v and v fine-tunes
+    zero_snr: bool = (
+        False  # trained on a schedule rescaled to zero terminal SNR (Lin et al. 2023): v models only
+    )
     text_encoder: str = "clip"  # TEXT_ENCODERS: SD1's CLIP-L, SD 2.x's OpenCLIP ViT-H, or SDXL's pair
     clip2: CLIPConfig | None = None  # SDXL's second text encoder (OpenCLIP ViT-bigG); `clip` is then CLIP-L
 
@@ -232,6 +235,8 @@ class ModelConfig:
             raise ValueError("an OpenCLIP text encoder needs its projection width (projection)")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)} (got {self.prediction!r})")
+        if self.zero_snr is not False and (self.zero_snr is not True or self.prediction != "v"):
+            raise ValueError("zero_snr must be true or false, and true only for a v-prediction model")
         if not (
             0 < self.beta_start < self.beta_end < 1 and self.scale_factor > 0 and 0 <= self.pyramid_noise <= 1
         ):

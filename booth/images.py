@@ -91,6 +91,7 @@ def parameters_text(sd, prompt: str, negative_prompt: str, s: Settings, seed: in
         "Clip skip": s.clip_skip if s.clip_skip > 1 else None, "Lora hashes": loras or None,
         "Prediction": s.prediction if s.prediction not in (None, "eps") else None,
         "CFG rescale": s.cfg_rescale or None,
+        "Noise schedule": "Zero Terminal SNR" if s.zero_snr else None,
         "Version": f"booth {__version__}",
     }  # fmt: skip
     return infotext(prompt, negative_prompt, params)

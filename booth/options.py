@@ -175,6 +175,7 @@ class Settings:
     clip_skip: int = 1
     prediction: str | None = None  # None: what the model says it predicts (ModelConfig.prediction)
     cfg_rescale: float = 0.0  # Lin et al. 2023's guidance rescale; 0 is plain guidance
+    zero_snr: bool | None = None  # the schedule rescaled to zero terminal SNR; None: what the model records
 
     def validate(self) -> None:
         check_choice("sampler", self.sampler, SAMPLERS)

@@ -69,8 +69,7 @@ class StableDiffusion:
         self._cache: dict[str, tuple] = {}  # the last prompt's embeddings, the last input image's posterior
         self.vae_dtype = dtype  # what the VAE runs in (fp32 where it would overflow in fp16)
         self.tokenizer = get_tokenizer()
-        c = self.config
-        self.schedule = sampling.DiscreteSchedule(c.beta_start, c.beta_end, c.num_train_timesteps)
+        self.schedule = self._schedule(self.config.zero_snr)
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, device="cpu", dtype=torch.float32, model_hash=None,
@@ -262,8 +261,13 @@ class StableDiffusion:
     def resolve(self, settings: Settings, image_size: tuple[int, int] | None = None) -> Settings:
         return resolve_settings(self.config, settings, image_size, self.name)
 
+    def _schedule(self, zero_snr: bool) -> sampling.DiscreteSchedule:
+        c = self.config
+        return sampling.DiscreteSchedule(c.beta_start, c.beta_end, c.num_train_timesteps, zero_snr)
+
     def sigmas(self, settings: Settings) -> torch.Tensor:
-        return sampling.SCHEDULES[settings.resolved().schedule](self.schedule, settings.steps)
+        s = self.resolve(settings)
+        return sampling.SCHEDULES[s.schedule](self._schedule(s.zero_snr), s.steps)
 
     # ------------------------------------------------------------------ sampling
 
@@ -286,7 +290,8 @@ class StableDiffusion:
         else:
             sigmas, x = self._img2img_start(image, generators, sigmas, strength)
         self._use("unet")
-        unet = sampling.PREDICTIONS[s.prediction](self.model.unet, self.schedule, dtype=self.dtype)
+        schedule = self._schedule(s.zero_snr)
+        unet = sampling.PREDICTIONS[s.prediction](self.model.unet, schedule, dtype=self.dtype)
         denoiser = sampling.CFGDenoiser(unet, cond, uncond, s.scale, s.cfg_rescale)
         opts = {} if s.eta is None else {"eta": s.eta}
         info = {"i": -1, "x": x, "sigma": sigmas[0], "sigma_next": sigmas[0], "denoised": x}
@@ -363,8 +368,14 @@ def resolve_settings(
     """A copy of `settings` with the sampler's schedule and eta filled in, and the image size where it is not given:
     the model's own (`config.sample_size` squared) or, for an img2img input of `image_size` (w, h), as many pixels
     in the input's aspect ratio, in multiples of 8."""
-    s = dataclasses.replace(settings.resolved(), prediction=settings.prediction or config.prediction)
+    zero_snr = config.zero_snr if settings.zero_snr is None else settings.zero_snr
+    s = dataclasses.replace(
+        settings.resolved(), prediction=settings.prediction or config.prediction, zero_snr=zero_snr
+    )
     check_clip_skip(config, s.clip_skip, name)
+    if s.zero_snr and s.prediction != "v":
+        raise BoothError(f"--zero-snr needs a v-prediction model, and {name} predicts eps (at zero SNR the noise "
+                         "says nothing of the image); give --prediction v if it is a v model")  # fmt: skip
     size = config.sample_size
     if image_size is not None and s.height is None and s.width is None:
         aspect = image_size[0] / image_size[1]

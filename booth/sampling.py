@@ -33,6 +33,17 @@ Generator = torch.Generator | Sequence[torch.Generator] | None
 # The model's discrete noise schedule
 
 
+def zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(alphas_cumprod) so its last value is 0 and its first
+    unchanged, and return the betas of that."""
+    root = torch.cumprod(1 - betas, 0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))  # in this order, as diffusers rounds it
+    alphas_cumprod = root**2
+    alphas = torch.cat([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+    return 1 - alphas
+
+
 class DiscreteSchedule:
     """The discrete DDPM schedule a model was trained with, expressed as VE sigmas.
 
@@ -41,10 +52,17 @@ class DiscreteSchedule:
     ``sigmas[t] = sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t])`` increases with ``t``.
     """
 
-    def __init__(self, beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = 1000):
+    def __init__(self, beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = 1000,
+                 zero_snr: bool = False):  # fmt: skip
+        """`zero_snr`: the betas rescaled so the last timestep is pure noise (Lin et al. 2023, Algorithm 1).
+        Training then sees alphas_cumprod[-1] = 0; the samplers a last sigma of 4096 (alphas_cumprod 2**-24,
+        as diffusers' schedulers stand in for the infinite one)."""
         betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
-        self.alphas_cumprod = torch.cumprod(1 - betas, 0)
-        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        self.alphas_cumprod = torch.cumprod(1 - (zero_terminal_snr(betas) if zero_snr else betas), 0)
+        alphas = self.alphas_cumprod.clone()
+        if zero_snr:
+            alphas[-1] = 2.0**-24
+        self.sigmas = ((1 - alphas) / alphas) ** 0.5
         self.log_sigmas = self.sigmas.log()
 
     @property

@@ -138,7 +138,9 @@ def test_the_prediction_is_read_from_what_the_model_carries(v_weights, tmp_path)
     assert read_config(folder).prediction == "eps"
     config = folder / "scheduler" / "scheduler_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": "v_prediction"}))
-    assert read_config(folder).prediction == "v"
+    assert read_config(folder).prediction == "v" and not read_config(folder).zero_snr
+    config.write_text(json.dumps({**json.loads(config.read_text()), "rescale_betas_zero_snr": True}))
+    assert read_config(folder).zero_snr
     # booth's own files record it in their header (a v model saved by booth stays one)
     ckpt = read_checkpoint(marked)
     out = tmp_path / "saved.safetensors"
@@ -196,3 +198,58 @@ def test_min_snr_weights_for_v_are_diffusers():
     snr = ac / (1 - ac)
     torch.testing.assert_close(train.min_snr_weights(ac, 5.0, "v"), torch.clamp(snr, max=5.0) / (snr + 1))
     torch.testing.assert_close(train.min_snr_weights(ac, 5.0), torch.clamp(snr, max=5.0) / snr)
+
+
+# ----------------------------------------------------------------------------- zero terminal SNR
+
+
+def test_the_zero_terminal_snr_schedule_is_diffusers():
+    """Lin et al.'s Algorithm 1 on SD's betas equals diffusers' rescale_zero_terminal_snr; the last timestep is
+    pure noise for training, and the samplers' last sigma is diffusers' finite stand-in (alphas_cumprod 2**-24)."""
+    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float32) ** 2
+    torch.testing.assert_close(S.zero_terminal_snr(betas), rescale_zero_terminal_snr(betas), rtol=0, atol=0)
+    schedule = S.DiscreteSchedule(zero_snr=True)
+    assert schedule.alphas_cumprod[-1] == 0 and schedule.alphas_cumprod[0] == SCHEDULE.alphas_cumprod[0]
+    assert schedule.sigma_max == pytest.approx(4096, rel=1e-4) and torch.isfinite(schedule.sigmas).all()
+
+
+def test_a_zero_snr_v_model_gives_diffusers_images(v_weights, tmp_path):
+    """Euler on Karras sigmas from the terminal timestep (sigma 4096), with diffusers' EulerDiscreteScheduler
+    (rescale_betas_zero_snr, Karras sigmas from timestep 999) as the reference; the ztsnr key marks such a model, --no-zero-snr overrides it."""
+    from diffusers import EulerDiscreteScheduler
+
+    _, _, model = v_weights
+    pipe = diffusers_pipeline(model, tmp_path / "tok")
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction",
+                                                        rescale_betas_zero_snr=True, use_karras_sigmas=True,
+                                                        timestep_spacing="linspace")  # fmt: skip
+    gens = [torch.Generator().manual_seed(SEED)]
+    theirs = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=7.5, height=32,
+                  width=32, generator=gens, output_type="np").images[0]  # fmt: skip
+    marked = tmp_path / "ztsnr.safetensors"
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file({**tensors, "v_pred": torch.tensor([]), "ztsnr": torch.tensor([])}, str(marked))
+    sd = StableDiffusion.from_pretrained(str(marked))
+    assert sd.config.zero_snr and sd.config.prediction == "v"
+    settings = Settings(steps=STEPS, sampler="euler", schedule="karras", height=32, width=32)
+    ours = np.asarray(sd.txt2img(PROMPT, NEGATIVE, [SEED], settings)[0], dtype=np.float32) / 255
+    diff = np.abs(ours - theirs)
+    assert diff.max() <= 2 / 255 and diff.mean() < 1e-3, f"max {diff.max() * 255:.1f}/255"
+    plain = sd.txt2img(PROMPT, NEGATIVE, [SEED], Settings(steps=STEPS, sampler="euler", schedule="karras",
+                                                          height=32, width=32, zero_snr=False))[0]  # fmt: skip
+    assert np.abs(np.asarray(plain, dtype=np.float32) / 255 - theirs).max() > 0.05, "--no-zero-snr overrides"
+
+
+def test_zero_snr_is_refused_for_an_eps_model_and_shown_in_the_png(v_weights, tmp_path, capsys):
+    from PIL import Image
+
+    plain, marked, _ = v_weights
+    args = ["txt2img", "-p", PROMPT, "--hw", "32", "32", "--steps", "2", "--seed", "1", "--zero-snr"]
+    assert main([*args, "-c", str(plain), "-o", str(tmp_path / "eps")]) == 1
+    assert "--zero-snr needs a v-prediction model" in error_of(capsys)
+    assert not (tmp_path / "eps").exists()
+    assert main([*args, "-c", str(marked), "-o", str(tmp_path / "v")]) == 0
+    text = Image.open(tmp_path / "v" / "run0" / "samples" / "0000.png").text["parameters"]
+    assert "Noise schedule: Zero Terminal SNR" in text
