@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -861,16 +862,33 @@ def read_checkpoint(path: str | os.PathLike, ema: bool = False, lazy: bool = Fal
     if looks_like_lora(raw):
         raise not_a_model(path, "lora")
     sd = to_layout(raw, ema=ema, source=str(path))
-    cfg = stored_config(meta, path) if CONFIG_KEY in meta else _inferred(raw, sd, str(path))
+    cfg = stored_config(meta, path) if CONFIG_KEY in meta else _inferred(raw, sd, str(path), path)
     return Checkpoint(path, cfg, sd, meta)
 
 
-def _inferred(raw: dict, sd: dict, source: str) -> ModelConfig:
-    """A single file's config from its shapes, and from the keys that mark a v-prediction (zero-SNR) model."""
+def _inferred(raw: dict, sd: dict, source: str, path: Path | None = None) -> ModelConfig:
+    """A single file's config from its shapes, and from the keys that mark a v-prediction (zero-SNR) model; an
+    SD 2.x file without such a key is tested as AUTOMATIC1111 tests it (v_test), its UNet read from `path`."""
     cfg = infer_config(sd, source)
     if V_PRED_KEY in raw or ZTSNR_KEY in raw:
-        cfg = dataclasses.replace(cfg, prediction="v", zero_snr=ZTSNR_KEY in raw)
+        return dataclasses.replace(cfg, prediction="v", zero_snr=ZTSNR_KEY in raw)
+    if cfg.text_encoder == "openclip" and path is not None and _v_test(path.resolve(), _stamp(path), cfg):
+        return dataclasses.replace(cfg, prediction="v", sample_size=768)  # SD 2.x's 768-v
     return cfg
+
+
+@functools.lru_cache(maxsize=8)
+def _v_test(path: Path, stamp: tuple[int, int], cfg: ModelConfig) -> bool:
+    """Whether an SD 2.x UNet predicts v: AUTOMATIC1111's test (modules/sd_models_config.py), which runs the UNet
+    once in fp32 on a flat grey 8x8 latent at t=999 with a flat grey text; an eps UNet's mean output stays near
+    the input, a v UNet's falls below it by more than 1. (SD 2.x 768-v files carry no mark of what they are.)"""
+    stubs = {k: v for k, v in to_layout(_read_file(path, lazy=True)[0]).items() if k.startswith(UNET)}
+    unet = build(cfg).unet
+    unet.load_state_dict({k[len(UNET) :]: t for k, t in read_stubs(stubs, "cpu", torch.float32)}, assign=True)
+    x = torch.full((1, cfg.unet.in_channels, 8, 8), 0.5)
+    with torch.no_grad():
+        out = unet.eval()(x, torch.tensor([999.0]), torch.full((1, 2, cfg.unet.context_dim), 0.5))
+    return (out - x).mean().item() < -1
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
@@ -880,7 +898,7 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
         return diffusers_config(path)
     if path.suffix != ".safetensors":
         raw, _ = _read_file(path)
-        return _inferred(raw, to_layout(raw, source=str(path)), str(path))
+        return _inferred(raw, to_layout(raw, source=str(path)), str(path), path)
     try:
         header, _ = safetensors_header(path)
     except PermissionError:
@@ -889,7 +907,7 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     if CONFIG_KEY in meta:
         return stored_config(meta, path)
     shapes = {k: torch.empty(v["shape"], device="meta") for k, v in header.items() if k != "__metadata__"}
-    return _inferred(shapes, to_layout(shapes, source=str(path)), str(path))
+    return _inferred(shapes, to_layout(shapes, source=str(path)), str(path), path)
 
 
 _ITEMSIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}

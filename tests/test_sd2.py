@@ -141,3 +141,21 @@ def test_an_sd2_diffusers_folder_is_refused_with_what_to_give_instead(sd2, tmp_p
     message = error_of(capsys)
     assert "is an SD 2.x diffusers folder, which booth does not read yet: give its single file" in message
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("bias, prediction, size", [(-5.0, "v", 768), (5.0, "eps", 512)])
+def test_an_unmarked_sd2_file_is_told_v_or_eps_by_running_its_unet(sd2, tmp_path, bias, prediction, size):
+    """SD 2.x 768-v files carry no mark; as AUTOMATIC1111, booth runs the UNet once on a grey latent at t=999:
+    a mean output more than 1 below the input is a v model (and SD 2.x's v models are 768 ones). The UNet's
+    output bias sets that mean here, so each answer can be forced."""
+    from safetensors.torch import save_file
+
+    from booth.checkpoint import read_config
+
+    _, model = sd2
+    tensors = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    tensors["model.diffusion_model.out.2.bias"].fill_(bias)
+    path = tmp_path / "unmarked.safetensors"
+    save_file(tensors, str(path))  # no booth header, no v_pred key
+    for cfg in (read_config(path), read_checkpoint(path, lazy=True).config):
+        assert (cfg.prediction, cfg.sample_size) == (prediction, size)
