@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from . import openclip
 from .atomic import atomic_path
 from .config import SDXL, CLIPConfig, ModelConfig, UNetConfig, VAEConfig
 from .errors import BoothError, first_line
@@ -594,15 +595,24 @@ def read_diffusers(folder: Path, lazy: bool = False) -> Checkpoint:
     if not any(k.startswith("text_model.") for k in parts["text_encoder"]):  # newer transformers flatten it
         parts["text_encoder"] = {"text_model." + k: v for k, v in parts["text_encoder"].items()}
     rules, sd, missing = diffusers_rules(cfg), {}, []
-    if cfg.clip2:
+    openclip = {
+        "sdxl": (SDXL_COMPONENT, cfg.clip2, SDXL_OPENCLIP),
+        "openclip": ("text_encoder", cfg.clip, OPENCLIP),
+    }
+    if cfg.text_encoder in openclip:
+        component, clip, prefix = openclip[cfg.text_encoder]
         try:
-            sd.update(_openclip_weights(parts[SDXL_COMPONENT], cfg.clip2, SDXL_OPENCLIP))
+            sd.update(_openclip_weights(parts[component], clip, prefix))
         except KeyError as e:
-            raise BoothError(f"{folder / SDXL_COMPONENT} is missing the weight {e.args[0]}") from None
+            raise BoothError(f"{folder / component} is missing the weight {e.args[0]}") from None
     for key, meta in build(cfg).state_dict().items():
         if key in sd:
             continue
-        component, name = diffusers_name(key, rules).split(":", 1)
+        try:
+            component, name = diffusers_name(key, rules).split(":", 1)
+        except KeyError:  # an OpenCLIP weight _openclip_weights did not find
+            missing.append(key)
+            continue
         t = parts[component].get(name)
         if t is None:
             missing.append(f"{component}/{name}")
@@ -619,16 +629,21 @@ _OPENCLIP_LAYER = {"ln_1.": "layer_norm1.", "ln_2.": "layer_norm2.", "mlp.c_fc."
 
 
 def _openclip_weights(t: dict, cfg: CLIPConfig, prefix: str) -> dict:
-    """A transformers CLIPTextModelWithProjection's weights (SDXL's diffusers text_encoder_2) under OpenCLIP's
-    names at `prefix`: q, k and v stacked into in_proj, the projection transposed (a Linear's weight there)."""
+    """A transformers CLIPTextModel(WithProjection)'s weights (SDXL's diffusers text_encoder_2, SD 2.x's
+    text_encoder) under OpenCLIP's names at `prefix`: q, k and v stacked into in_proj, the projection transposed
+    (a Linear's weight there). SD 2.x folders lack OpenCLIP's last layer and projection (see `_dropped`)."""
     tm = "text_model."
     t = {k if k.startswith((tm, "text_projection.")) else tm + k: v for k, v in t.items()}
     out = {prefix + "token_embedding.weight": t[tm + "embeddings.token_embedding.weight"],
            prefix + "positional_embedding": t[tm + "embeddings.position_embedding.weight"],
            prefix + "ln_final.weight": t[tm + "final_layer_norm.weight"],
-           prefix + "ln_final.bias": t[tm + "final_layer_norm.bias"],
-           prefix + "text_projection": _joined([t["text_projection.weight"]], "t")}  # fmt: skip
-    for i in range(cfg.layers):
+           prefix + "ln_final.bias": t[tm + "final_layer_norm.bias"]}  # fmt: skip
+    layers = len(_indices(t, tm + "encoder.layers."))
+    if "text_projection.weight" in t:
+        out[prefix + "text_projection"] = _joined([t["text_projection.weight"]], "t")
+    elif layers == cfg.layers - 1:
+        out.update(_dropped(cfg, prefix, out[prefix + "ln_final.weight"].dtype))
+    for i in range(min(layers, cfg.layers)):
         ours, theirs = f"{prefix}transformer.resblocks.{i}.", f"{tm}encoder.layers.{i}."
         for kind in ("weight", "bias"):
             out[f"{ours}attn.in_proj_{kind}"] = _joined(
@@ -636,6 +651,17 @@ def _openclip_weights(t: dict, cfg: CLIPConfig, prefix: str) -> dict:
             )
             out.update({ours + o + kind: t[theirs + th + kind] for o, th in _OPENCLIP_LAYER.items()})
     return out
+
+
+def _dropped(cfg: CLIPConfig, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """What diffusers' SD 2.x folders leave out, as SD 2.x's conditioning never reaches it: OpenCLIP's last layer,
+    filled with zeros (a residual layer whose output projections are zero passes its input through), and a zero
+    text projection. The penultimate layer's output, which SD 2.x conditions on, is the folder's last one."""
+    with torch.device("meta"):
+        block = openclip.ResidualAttentionBlock(cfg.width, cfg.heads, cfg.intermediate)
+    ours = f"{prefix}transformer.resblocks.{cfg.layers - 1}."
+    out = {ours + k: torch.zeros(v.shape, dtype=dtype) for k, v in block.state_dict().items()}
+    return {**out, prefix + "text_projection": torch.zeros(cfg.width, cfg.projection, dtype=dtype)}
 
 
 def _joined(parts: list, op: str):
@@ -677,24 +703,34 @@ def diffusers_config(folder: Path) -> ModelConfig:
     ):
         raw[name] = _json(folder / name / "config.json")
         parts[name] = _diffusers_part(folder / name / "config.json", part_config)
-    unet, clip = parts["unet"], parts["text_encoder"]
     xl = (folder / SDXL_COMPONENT / "config.json").is_file()
-    if not xl and (unet.linear_proj or unet.context_dim != clip.width):
-        raise BoothError(f"{folder} is an SD 2.x diffusers folder, which booth does not read yet: give its single "
-                         "file (such as v2-1_512-ema-pruned.safetensors), which it reads")  # fmt: skip
-    scale = raw["vae"].get("scaling_factor", 0.18215)
+    clip, sd2 = (
+        parts["text_encoder"],
+        not xl and parts["text_encoder"].act == "gelu",
+    )  # OpenCLIP's, not CLIP-L's
+    if sd2:  # diffusers dropped OpenCLIP's last layer and projection (_dropped); ViT-H's projection is square
+        clip = dataclasses.replace(clip, layers=clip.layers + 1, projection=clip.width)
     cfg = ModelConfig(
-        unet=unet,
+        unet=parts["unet"],
         vae=parts["vae"],
         clip=clip,
-        scale_factor=scale,
+        text_encoder="openclip" if sd2 else "clip",
+        scale_factor=raw["vae"].get("scaling_factor", 0.18215),
         prediction=_prediction(folder),
         zero_snr=_scheduler(folder).get("rescale_betas_zero_snr") is True,
+        sample_size=_sample_size(raw["unet"], parts["vae"]),
     )
     if xl:
         clip2 = _diffusers_part(folder / SDXL_COMPONENT / "config.json", _diffusers_openclip)
-        cfg = dataclasses.replace(cfg, clip2=clip2, text_encoder="sdxl", sample_size=SDXL.sample_size)
+        cfg = dataclasses.replace(cfg, clip2=clip2, text_encoder="sdxl")
     return checked(cfg, str(folder))
+
+
+def _sample_size(unet: dict, vae: VAEConfig) -> int:
+    """The image side a diffusers UNet config says the model was trained at (its latent side, 8 pixels each),
+    or SD1's 512 where it says nothing usable."""
+    latent = unet.get("sample_size")
+    return latent * 2 ** (len(vae.ch_mult) - 1) if type(latent) is int and 0 < latent <= 1024 else 512
 
 
 def _diffusers_part(path: Path, part_config):

@@ -27,7 +27,7 @@ from . import __version__
 from .atomic import check_writable, clean_stale, new_run_dir, write_text
 from .config import PREDICTIONS
 from .errors import BoothError
-from .hub import ALIASES, VAE_ALIASES
+from .hub import ALIASES, DEFAULT_MODEL, VAE_ALIASES
 from .options import (
     CLIP_MODEL,
     DINO_MODEL,
@@ -120,7 +120,8 @@ DREAMBOOTH = (  # booth.options.TrainConfig
                                      "(default RUN/class-imgs)"),
     Flag("--class-img-count", "class_img_count", "class images for prior preservation (default {default})"),
     Flag("--gb --generation-batch-size", "generation_batch_size", "class images per forward pass (default {default})"),
-    Flag("--hw", "hw", "training resolution (default: the base model's own, 512 512 for SD1)"),
+    Flag("--hw", "hw", "training resolution (default: the base model's own: 512 for SD1, 768 for SD 2.x 768-v, "
+                        "1024 for SDXL)"),
     Flag("--ddim-steps", "ddim_steps", "sampling steps of class images (default {default})"),
     Flag("--sampler", "sampler", "sampler of class images and previews (default {default})"),
     Flag("--schedule", "schedule", SCHEDULE_HELP),
@@ -148,13 +149,17 @@ DREAMBOOTH = (  # booth.options.TrainConfig
                                      "bf16, and on CUDA with --fused-backward)", {"choices": PRECISIONS}),
     Flag("--weights", "weights", "dtype of the trained weights; bf16 keeps no fp32 copy and rounds each update "
                                  "stochastically (default fp32, bf16 with --lean)", {"choices": WEIGHTS}),
-    Flag("--save-precision", "save_precision", "checkpoint dtype (default {default}, 2 GB for SD1)",
+    Flag("--save-precision", "save_precision", "checkpoint dtype (default {default}: 2 GB for SD1, 7 GB for SDXL)",
          {"choices": SAVE_PRECISIONS}),
     Flag("--gradient-checkpointing", "gradient_checkpointing", "recompute activations: less memory, slower"),
     Flag("--optimizer", "optimizer", "adamw8bit (needs pip install 'booth[8bit]') and adafactor keep far less "
                                      "state (default adamw, adafactor with --lean)", {"choices": OPTIMIZERS}),
     Flag("--fused-backward", "fused_backward", "step each weight as soon as its gradient is complete, so the "
                                                "gradients never all exist (clipping is then per tensor)"),
+    Flag("--split-prior", "split_prior", "with prior preservation, run the class images' forward and backward pass "
+                                         "after the subject's, not in one batch: half the UNet's activations, "
+                                         "the same gradients (worth it without --gradient-checkpointing; with "
+                                         "--fused-backward the first pass's gradients are all kept)"),
     Flag("--cache-latents", "cache_latents", "encode images once (turns off resize and colour augmentation)"),
     Flag("--noise-offset", "noise_offset", "noise offset, e.g. 0.05 (default {default})"),
     Flag("--pyramid-noise", "pyramid_noise", "multi-resolution noise, each coarser level DISCOUNT times the finer "
@@ -250,12 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "txt2img", help="generate images from a prompt", description="Generate images from a prompt."
     )
-    _render_flags(t, "image height and width, multiples of 8 (default: the model's own size, 512 for SD1)")
+    _render_flags(
+        t,
+        "image height and width, multiples of 8 (default: the model's own size: 512 for SD1, 1024 for SDXL)",
+    )
     t.set_defaults(func=run_txt2img)
     i = sub.add_parser("img2img", help="repaint an image guided by a prompt", description="Repaint an image.")
     add_flags(i, Job, IMG2IMG)
     _render_flags(i, "image height and width, multiples of 8 (default: the model's own number of pixels, 512x512 "
-                  "for SD1, in the input's aspect ratio)")  # fmt: skip
+                  "for SD1 and 1024x1024 for SDXL, in the input's aspect ratio)")  # fmt: skip
     i.set_defaults(func=run_img2img)
     _dreambooth_parser(sub)
     _merge_parser(sub)
@@ -325,7 +333,7 @@ def _convert_parser(sub) -> None:
     )  # fmt: skip
     p.add_argument("model", metavar="MODEL", help="any model txt2img loads")
     _single_file_flags(p, "the single file to write, a .safetensors file",
-                       "write the file's EMA UNet weights (model_ema.*)", "a 2 GB file for SD1")  # fmt: skip
+                       "write the file's EMA UNet weights (model_ema.*)", "2 GB for SD1, 7 GB for SDXL")  # fmt: skip
     p.set_defaults(func=run_convert)
 
 
@@ -341,19 +349,23 @@ def _single_file_flags(p: argparse.ArgumentParser, output: str, ema: str, size: 
 def _merge_parser(sub) -> None:
     p = sub.add_parser(
         "merge", help="bake LoRAs into a single-file model", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Add LoRAs into a base model's weights and write one SD1 .safetensors file (CompVis layout)\n"
-        "that booth, AUTOMATIC1111, ComfyUI and diffusers' from_single_file load like any checkpoint.\n"
+        description="Add LoRAs into a base model's weights and write one .safetensors file in the original layout\n"
+        "(CompVis', SGM's for SDXL) that booth, AUTOMATIC1111, ComfyUI and diffusers' from_single_file\n"
+        "load like any checkpoint.\n"
         "Each LoRA adds weight * alpha/rank * up @ down to the layers it covers; several are summed.\n\n"
         "example:\n  booth merge -m sd15 --lora style.safetensors:0.8 --lora dog.safetensors -o dog-style.safetensors",
     )  # fmt: skip
     p.add_argument(
-        "-m", "--model", default="sd15", help="base model, any format txt2img loads (default sd15)"
+        "-m",
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"base model, any format txt2img loads (default {DEFAULT_MODEL})",
     )
     p.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]",
                    help="a LoRA file (kohya/A1111, diffusers or peft) and its weight (default 1, from -10 to 10); "
                         "repeat to merge several")  # fmt: skip
     _single_file_flags(p, "the merged model, a .safetensors file",
-                       "use the base file's EMA UNet weights (model_ema.*)", "a 2 GB file")  # fmt: skip
+                       "use the base file's EMA UNet weights (model_ema.*)", "2 GB for SD1, 7 GB for SDXL")  # fmt: skip
     p.set_defaults(func=run_merge)
 
 

@@ -34,9 +34,9 @@ from .formats import (
 ALIASES: dict[str, tuple[str, str | None]] = {
     "sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors"),
     "sd14": ("CompVis/stable-diffusion-v-1-4-original", "sd-v1-4.ckpt"),
-    # SD 2.1 at 512, an eps model; the 768 one (stable-diffusion-2-1, v2-1_768-ema-pruned) is a v model that
-    # its file does not mark, so it needs --prediction v and is left out of the aliases
+    # SD 2.1 at 512, an eps model, and at 768, a v model its file does not mark: booth.checkpoint's v test tells
     "sd21-base": ("stabilityai/stable-diffusion-2-1-base", "v2-1_512-ema-pruned.safetensors"),
+    "sd21": ("stabilityai/stable-diffusion-2-1", "v2-1_768-ema-pruned.safetensors"),
     "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "sd_xl_base_1.0.safetensors"),
 }
 DEFAULT_MODEL = "sd15"

@@ -29,7 +29,7 @@ from .checkpoint import (
 )
 from .config import ModelConfig
 from .errors import BoothError
-from .hub import find_model, find_vae
+from .hub import DEFAULT_MODEL, find_model, find_vae
 from .images import load_image, to_pil, to_tensor
 from .lora import LoRA, merge, restore
 from .model import PARTS, LatentDiffusion, build, encode_text, part_modules, part_of, tokenize, unet_inputs
@@ -102,7 +102,7 @@ class StableDiffusion:
                     m.float()
 
     @classmethod
-    def from_pretrained(cls, spec: str = "sd15", device="cpu", dtype=torch.float32, ema: bool = False,
+    def from_pretrained(cls, spec: str = DEFAULT_MODEL, device="cpu", dtype=torch.float32, ema: bool = False,
                         low_memory: bool = False, vae: str | None = None) -> StableDiffusion:  # fmt: skip
         """Load from a file, a diffusers folder, a Hugging Face repo id or an alias (`sd15`, `sdxl`, ...); `vae`: a
         VAE to use instead of the model's own (as --vae takes it)."""

@@ -91,8 +91,11 @@ def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, n_instance: int, l
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if weights is not None:
         per_sample = per_sample * weights
-    instance = per_sample[:n_instance].mean()
-    prior = per_sample[n_instance:].mean() if len(per_sample) > n_instance else per_sample.new_zeros(())
+    zero = per_sample.new_zeros(
+        ()
+    )  # for a batch of class rows only (--split-prior), or of instance rows only
+    instance = per_sample[:n_instance].mean() if n_instance else zero
+    prior = per_sample[n_instance:].mean() if len(per_sample) > n_instance else zero
     return instance + lamb * prior, instance, prior
 
 
@@ -524,8 +527,11 @@ class Batches:
 
     @torch.no_grad()
     def _encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior moments, one image at a time: the VAE's full-resolution activations (1.35 GB for one SDXL
+        image at 1024x1024 in bf16) would otherwise be the step's peak with prior preservation."""
         device = next(self.vae.parameters()).device
-        mean, logvar = self.vae.encode(images.to(device, self.dtype))
+        moments = [self.vae.encode(x[None].to(device, self.dtype)) for x in images]
+        mean, logvar = (torch.cat(m) for m in zip(*moments))
         return mean.float(), torch.exp(0.5 * logvar.float())
 
     def _encode_all(self) -> dict[str, torch.Tensor]:
@@ -572,6 +578,8 @@ class DreamBooth:
         self.encode_text = self._prompts(dist)
         self.meta = self._metadata()
         self.monitor = None  # booth.evaluate.Monitor with --eval-every, on the main process
+        self.passes = 2 if cfg.split_prior and cfg.lamb > 0 else 1  # each micro-batch's backward passes
+        self._class_rows = None  # with --split-prior: the micro-batch's class rows, for its second pass
 
     def _prompts(self, dist: Dist) -> Callable[[], dict[str, torch.Tensor]]:
         """The UNet's conditioning of the instance and class prompts (2 rows): encoded once, unless the text
@@ -606,7 +614,16 @@ class DreamBooth:
                 "ss_resolution": str(tuple(cfg.hw)), "ss_learning_rate": str(cfg.learning_rate)}  # fmt: skip
 
     def losses(self) -> dict[str, torch.Tensor]:
-        x0, image_gens, n_inst = self.batches.next()
+        """One pass: the micro-batch, or with --split-prior its instance rows, then (the next call) its class
+        rows. Each row's own generator draws its noise and timestep, so the rows see the same either way."""
+        if self._class_rows is not None:
+            (x0, image_gens), self._class_rows = self._class_rows, None
+            n_inst = 0
+        else:
+            x0, image_gens, n_inst = self.batches.next()
+            if self.passes == 2:
+                self._class_rows = x0[n_inst:], image_gens[n_inst:]
+                x0, image_gens = x0[:n_inst], image_gens[:n_inst]
         cond = _rows(self.encode_text(), n_inst, len(x0))  # the instance prompt's, then the class prompt's
         loss, inst, prior = diffusion_loss(self.cfg, x0, image_gens, cond, n_inst, self.unet, self.alphas_cumprod,
                                            self.amp, self.cfg.lamb, self.sd.config.prediction)  # fmt: skip
@@ -873,7 +890,9 @@ def _trace_step(cfg: TrainConfig, model, params: list, amp_dtype, mode, on: torc
     encode, then up to two micro-batches (the second finds the first's gradients accumulated). CPU autocast's
     policy stands in for the device's; on (`on`) a CPU, convolutions hold a workspace (memory.cpu_workspace)."""
     (h, w), f, n = cfg.hw, model.config.vae.downscale, cfg.batch_size
-    rows, micro = n * (2 if cfg.lamb > 0 else 1), min(cfg.grad_accum, 2)
+    split = cfg.split_prior and cfg.lamb > 0  # the class rows' pass after the instance rows'
+    rows = n * (2 if cfg.lamb > 0 and not split else 1)
+    micro = min(cfg.grad_accum * (2 if split else 1), 2)
     model.unet.gradient_checkpointing = cfg.gradient_checkpointing
     model.unet.train()
     armed = [False]  # the fused step frees each gradient once used, in the last micro-batch only
@@ -884,7 +903,9 @@ def _trace_step(cfg: TrainConfig, model, params: list, amp_dtype, mode, on: torc
     workspace = memory.cpu_workspace if on.type == "cpu" else None
     with mode, torch.device(device), memory.LiveBytes(model.parameters(), workspace) as live:
         with torch.no_grad():
-            model.vae.encode(torch.empty(rows, 3, h, w, dtype=next(model.vae.parameters()).dtype))
+            model.vae.encode(
+                torch.empty(1, 3, h, w, dtype=next(model.vae.parameters()).dtype)
+            )  # one at a time
         ids = tokenize(get_tokenizer(), model.config, ["", ""])
         alphas = torch.linspace(0.999, 0.001, model.config.num_train_timesteps)
         for i in range(micro):
@@ -942,7 +963,8 @@ class Task(Protocol):
     memory_hint: str  # the out-of-memory message's advice: "while training: try ..."
 
     def losses(self) -> dict[str, torch.Tensor]:
-        """One micro-batch: "loss" to minimise, and anything else to log."""
+        """One backward pass: "loss" to minimise, and anything else to log. A micro-batch is `passes` of them
+        (an optional attribute; 1 where it is absent), whose losses add up."""
 
     def save(self, run: Path, step: int) -> Path:
         """Write the model at `step` (atomically); return its path."""
@@ -1034,10 +1056,10 @@ class _State:
         lr = learning_rate(self.loop, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        totals = {}
-        for i in range(self.loop.grad_accum):
+        totals, passes = {}, self.loop.grad_accum * getattr(self.task, "passes", 1)
+        for i in range(passes):
             if self.loop.fused_backward:  # only the last micro-batch's backward pass steps
-                self.optimizer.armed = i == self.loop.grad_accum - 1
+                self.optimizer.armed = i == passes - 1
             losses = self.task.losses()
             self.scaler.scale(losses["loss"] / self.loop.grad_accum).backward()
             for k, v in losses.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from booth.config import ModelConfig
+from booth.config import TINY, CLIPConfig, ModelConfig
 from booth.model import LatentDiffusion
 
 
@@ -57,7 +58,9 @@ def diffusers_unet(model: LatentDiffusion):
     )
 
     sd = {k: v for k, v in model.state_dict().items() if k.startswith("model.diffusion_model.")}
-    config = create_unet_diffusers_config_from_ldm(ldm_original_config(model.config), sd, image_size=256)
+    config = create_unet_diffusers_config_from_ldm(
+        ldm_original_config(model.config), sd, image_size=model.config.sample_size
+    )  # its sample_size, in pixels
     config["norm_num_groups"] = model.config.unet.norm_groups
     if model.config.unet.adm_in_channels:  # diffusers knows SDXL only by its full-size 2048-wide context
         config.update(addition_embed_type="text_time", addition_time_embed_dim=256, class_embed_type=None)
@@ -184,6 +187,60 @@ def diffusers_pipeline(model: LatentDiffusion, tmp, img2img: bool = False):
         unet=diffusers_unet(model), scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# SD 2.x in small: OpenCLIP's text encoder (gelu, a projection), linear projections and head widths in the UNet
+TINY_SD2 = ModelConfig(
+    unet=dataclasses.replace(TINY.unet, context_dim=64, num_head_channels=16, linear_proj=True,
+                             attention_resolutions=(1, 2)),
+    vae=TINY.vae, clip=CLIPConfig(width=64, layers=3, heads=4, intermediate=256, act="gelu", projection=48),
+    text_encoder="openclip",
+)  # fmt: skip
+
+
+def saved_model(cfg: ModelConfig, seed: int, path: Path) -> tuple[Path, LatentDiffusion]:
+    """Random weights of `cfg` (norms perturbed, so none is the identity) saved as a booth single file at `path`,
+    with the OpenCLIP temperature SD 2.x and SDXL files carry; (path, the model)."""
+    from booth.checkpoint import save_checkpoint
+    from booth.model import random_weights
+
+    model = random_weights(cfg, seed=seed).eval()
+    perturb_norms(model)
+    openclip = {"openclip": "cond_stage_model.model.", "sdxl": "conditioner.embedders.1.model."}
+    extras = (
+        {openclip[cfg.text_encoder] + "logit_scale": torch.tensor(4.6)}
+        if cfg.text_encoder in openclip
+        else {}
+    )
+    save_checkpoint({**model.state_dict(), **extras}, path, config=cfg, dtype=torch.float32)
+    return path, model
+
+
+def diffusers_sd2_pipeline(model: LatentDiffusion, tmp, img2img: bool = False):
+    """diffusers' pipeline of the same weights: its UNet and VAE from its single-file converters, its text
+    encoder a CLIPTextModel of one layer less (SD 2.x conditions on the penultimate layer, which diffusers' SD 2.x
+    folders make the last) from diffusers' OpenCLIP converter, its tokenizer padding with "!" (0)."""
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    t = model.config.clip
+    config = CLIPTextConfig(hidden_size=t.width, num_hidden_layers=t.layers - 1, num_attention_heads=t.heads,
+                            intermediate_size=t.intermediate, hidden_act="gelu", vocab_size=t.vocab_size,
+                            max_position_embeddings=77)  # fmt: skip
+    text = CLIPTextModel(config)
+    converted = convert_open_clip_checkpoint(text, model.state_dict(), prefix="cond_stage_model.model.")
+    if not any(k.startswith("text_model.") for k in text.state_dict()):  # transformers 5 flattened the model
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    missing, unexpected = text.load_state_dict(converted, strict=False)
+    assert all("position_ids" in k for k in missing), missing
+    assert all(f"layers.{t.layers - 1}." in k or "text_projection" in k for k in unexpected), unexpected
+    cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+    pipe = cls(vae=diffusers_vae(model), text_encoder=text.eval(), tokenizer=transformers_tokenizer(tmp, pad="!"),
+               unet=diffusers_unet(model), scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None,
+               feature_extractor=None, requires_safety_checker=False)  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

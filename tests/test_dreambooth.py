@@ -1,5 +1,7 @@
 """DreamBooth: the loss, gradients against diffusers, checkpoints other tools read, exact resume, DDP, bad input."""
 
+import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -355,6 +357,59 @@ def test_the_fused_step_trains_as_the_plain_one_and_resumes_bitwise(base, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in metrics(plain)] == [r["loss"] for r in metrics(fused)]
     assert json.loads(safetensors_metadata(fused / "ckpts" / name)["booth.train"])["fused_backward"] is True
+
+
+def test_split_prior_trains_as_one_batch_with_half_the_activations_and_resumes_bitwise(base, tmp_path):
+    """The class rows' pass after the instance rows' gives the same losses at every step (AdamW then amplifies
+    the rounding of the gradients' sums, whose order differs, in the weights of near-zero gradient, so those are
+    compared in test_split_prior_gives_the_gradients_of_one_batch); the forecast step is about half."""
+    from booth.options import TrainConfig
+    from booth.train import forecast
+
+    common = ["--save-precision", "fp32", "--learning-rate", "1e-3", "-s", "2", "--max-grad-norm", "0"]
+    one = dreambooth(base, tmp_path / "one", "--iterations", "4", *common) / "run0"
+    split, _ = whole_and_resumed(base, tmp_path, 4, 2, "--split-prior", *common, name="split")
+    assert len(metrics(split)) == 4
+    for a, b in zip(metrics(one), metrics(split)):
+        for key in ("loss", "instance_loss", "prior_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    cfg = TrainConfig(class_name="dog", instance_dir=".").resolve(64, 0)
+    steps = [
+        forecast(dataclasses.replace(cfg, split_prior=s), TINY, torch.device("cpu")).step
+        for s in (False, True)
+    ]
+    assert 0.4 < steps[1] / steps[0] < 0.75, steps
+
+
+def test_split_prior_gives_the_gradients_of_one_batch():
+    """diffusion_loss over 2 instance and 2 class rows at once, and over each half in turn (each row keeping its
+    generator): the losses add up to the same, and so do the UNet's gradients."""
+    from booth.options import Noise
+    from booth.train import diffusion_loss
+
+    model = random_weights(TINY, seed=3)
+    unet, alphas = model.unet, torch.linspace(0.999, 0.01, 1000)
+    x0, cond = (
+        torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0)),
+        torch.randn(4, 77, TINY.unet.context_dim),
+    )
+    gens = lambda: [torch.Generator().manual_seed(s) for s in range(4)]  # noqa: E731
+
+    def grads(parts):
+        unet.zero_grad()
+        total = 0
+        for rows, n_inst in parts:
+            g = gens()
+            loss = diffusion_loss(Noise(), x0[rows], [g[i] for i in rows], {"context": cond[rows]}, n_inst, unet,
+                                  alphas, contextlib.nullcontext(), lamb=0.5)[0]  # fmt: skip
+            loss.backward()
+            total += loss.item()
+        return total, {n: p.grad.clone() for n, p in unet.named_parameters()}
+
+    (one, a), (two, b) = grads([([0, 1, 2, 3], 2)]), grads([([0, 1], 2), ([2, 3], 0)])
+    assert one == pytest.approx(two, rel=1e-6)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])

@@ -386,6 +386,9 @@ def test_parse_rules():
     # the published SD 2.1 512 file (stabilityai's repo, its safetensors variant)
     sd21 = hub.HubTarget("stabilityai/stable-diffusion-2-1-base", "v2-1_512-ema-pruned.safetensors")
     assert hub.parse("sd21-base") == sd21
+    assert hub.parse("sd21") == hub.HubTarget(
+        "stabilityai/stable-diffusion-2-1", "v2-1_768-ema-pruned.safetensors"
+    )
     assert hub.parse("o/n") == hub.HubTarget("o/n")
     assert hub.parse("o/n/a/b.ckpt") == hub.HubTarget("o/n", "a/b.ckpt")
     url = "https://huggingface.co/o/n/resolve/refs%2Fpr%2F3/a/b.safetensors"

@@ -7,60 +7,26 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from helpers import diffusers_unet, diffusers_vae, perturb_norms, write_clip_tokenizer
+from helpers import TINY_SD2 as SD2_TINY
+from helpers import diffusers_sd2_pipeline, saved_model
 
-from booth.checkpoint import infer_config, read_checkpoint, save_checkpoint, to_layout
+from booth.checkpoint import infer_config, load_part, read_checkpoint, to_layout
 from booth.cli import main
-from booth.config import SD1, TINY, CLIPConfig, ModelConfig
-from booth.model import build, random_weights
+from booth.config import SD1, CLIPConfig
+from booth.model import build
 from booth.pipeline import Settings, StableDiffusion
 
-TEXT = CLIPConfig(width=64, layers=3, heads=4, intermediate=256, act="gelu", projection=48)
-SD2_TINY = ModelConfig(
-    unet=dataclasses.replace(TINY.unet, context_dim=64, num_head_channels=16, linear_proj=True,
-                             attention_resolutions=(1, 2)),
-    vae=TINY.vae, clip=TEXT, text_encoder="openclip",
-)  # fmt: skip
+TEXT = SD2_TINY.clip
 PROMPT, NEGATIVE, SEED, STEPS = "a photo of a red circle on a blue background", "blurry", 7, 8
 
 
 @pytest.fixture(scope="module")
 def sd2(tmp_path_factory):
-    model = random_weights(SD2_TINY, seed=6).eval()
-    perturb_norms(model)
-    path = tmp_path_factory.mktemp("sd2") / "sd2.safetensors"
-    extras = {"cond_stage_model.model.logit_scale": torch.tensor(4.6)}  # as SD 2.x files carry it
-    save_checkpoint({**model.state_dict(), **extras}, path, config=SD2_TINY, dtype=torch.float32)
-    return path, model
+    return saved_model(SD2_TINY, 6, tmp_path_factory.mktemp("sd2") / "sd2.safetensors")
 
 
 def diffusers_sd2(model, tmp):
-    """diffusers' pipeline of the same weights: its UNet and VAE from its single-file converters, its text
-    encoder a CLIPTextModel of one layer less (SD 2.x conditions on the penultimate layer, which diffusers' SD 2.x
-    folders make the last) from diffusers' OpenCLIP converter, its tokenizer padding with "!" (0)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
-    from helpers import SD_SCHEDULER
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    config = CLIPTextConfig(hidden_size=TEXT.width, num_hidden_layers=TEXT.layers - 1, num_attention_heads=TEXT.heads,
-                            intermediate_size=TEXT.intermediate, hidden_act="gelu", vocab_size=TEXT.vocab_size,
-                            max_position_embeddings=77)  # fmt: skip
-    text = CLIPTextModel(config)
-    converted = convert_open_clip_checkpoint(text, model.state_dict(), prefix="cond_stage_model.model.")
-    if not any(k.startswith("text_model.") for k in text.state_dict()):  # transformers 5 flattened the model
-        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
-    missing, unexpected = text.load_state_dict(converted, strict=False)
-    assert all("position_ids" in k for k in missing), missing
-    assert all(f"layers.{TEXT.layers - 1}." in k or "text_projection" in k for k in unexpected), unexpected
-    write_clip_tokenizer(tmp)
-    tokenizer = CLIPTokenizer.from_pretrained(tmp, unk_token="<|endoftext|>", model_max_length=77,
-                                              bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="!")  # fmt: skip
-    pipe = StableDiffusionPipeline(vae=diffusers_vae(model), text_encoder=text.eval(), tokenizer=tokenizer,
-                                   unet=diffusers_unet(model), scheduler=DDIMScheduler(**SD_SCHEDULER),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return diffusers_sd2_pipeline(model, tmp)
 
 
 def test_an_sd2_file_loads_strictly_under_the_original_names(sd2):
@@ -73,13 +39,20 @@ def test_an_sd2_file_loads_strictly_under_the_original_names(sd2):
     built.load_state_dict(ckpt.state_dict, strict=True)
 
 
-def test_sd2_images_equal_diffusers(sd2, tmp_path):
+@pytest.mark.parametrize("source", ["file", "diffusers folder"])
+def test_sd2_images_equal_diffusers(sd2, tmp_path, source):
+    """From booth's single file, and from the diffusers folder of the same weights (whose text encoder lacks
+    OpenCLIP's last layer and projection, as diffusers' SD 2.x folders do)."""
     path, model = sd2
     gens = [torch.Generator().manual_seed(SEED + i) for i in range(2)]
-    theirs = diffusers_sd2(model, tmp_path / "tok")(
+    pipe = diffusers_sd2(model, tmp_path / "tok")
+    theirs = pipe(
         prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=7.5, height=32, width=48,
         generator=gens, num_images_per_prompt=2, output_type="np",
     ).images  # fmt: skip
+    if source == "diffusers folder":
+        pipe.save_pretrained(tmp_path / "sd2-folder")
+        path = tmp_path / "sd2-folder"
     sd = StableDiffusion.from_pretrained(str(path))
     settings = Settings(steps=STEPS, sampler="ddim", schedule="uniform", height=32, width=48)
     images = sd.txt2img(PROMPT, NEGATIVE, [SEED, SEED + 1], settings)
@@ -130,17 +103,34 @@ def test_dreambooth_on_an_sd2_file_saves_a_file_that_loads_back(sd2, tmp_path, c
         assert f"lora_te_text_model_encoder_layers_0_{part}" in names, "kohya's names for the OpenCLIP layers"
 
 
-def test_an_sd2_diffusers_folder_is_refused_with_what_to_give_instead(sd2, tmp_path, capsys):
-    """diffusers' SD 2.x folders drop the text encoder's last layer (which booth's OpenCLIP module keeps), so
-    they are not read yet; the message names the single file to use."""
-    from helpers import error_of
+@pytest.mark.parametrize("lazy", [False, True])
+def test_an_sd2_diffusers_folder_reads_as_its_single_file_with_openclips_last_layer_passing_through(
+    sd2, tmp_path, lazy
+):
+    """Every weight the folder holds equals the file's under OpenCLIP's names; the last layer diffusers dropped
+    is zeros (so it passes its input through) and the conditioning, the penultimate layer's, is the file's."""
+    from booth.checkpoint import read_diffusers
+    from booth.model import encode_text
 
-    _, model = sd2
+    path, model = sd2
     diffusers_sd2(model, tmp_path / "tok").save_pretrained(tmp_path / "sd2-folder")
-    assert main(["txt2img", "-c", str(tmp_path / "sd2-folder"), "-p", PROMPT, "-o", str(tmp_path / "o")]) == 1
-    message = error_of(capsys)
-    assert "is an SD 2.x diffusers folder, which booth does not read yet: give its single file" in message
-    assert not (tmp_path / "o").exists()
+    ckpt = read_diffusers(tmp_path / "sd2-folder", lazy=lazy)
+    assert ckpt.config.text_encoder == "openclip" and ckpt.config.clip.layers == TEXT.layers
+    built = build(ckpt.config, device="cpu")
+    for part in ("unet", "vae_encoder", "vae_decoder", "text_encoder"):
+        load_part(built, ckpt.state_dict, part, "cpu", torch.float32)
+    ours, theirs = built.state_dict(), model.state_dict()
+    last = f"cond_stage_model.model.transformer.resblocks.{TEXT.layers - 1}."
+    for key, value in ours.items():
+        if key.startswith(last) or key.endswith("text_projection"):
+            assert not value.any(), key
+        else:
+            assert torch.equal(value, theirs[key]), key
+    ids = torch.randint(0, TEXT.vocab_size, (2, 77))
+    assert torch.allclose(encode_text(built.text_encoder, ids)["context"],
+                          encode_text(model.text_encoder, ids)["context"], atol=1e-6)  # fmt: skip
+    assert main(["txt2img", "-c", str(tmp_path / "sd2-folder"), "-p", PROMPT, "--hw", "32", "32", "--steps", "1",
+                 "-o", str(tmp_path / "o")]) == 0  # fmt: skip
 
 
 @pytest.mark.parametrize("bias, prediction, size", [(-5.0, "v", 768), (5.0, "eps", 512)])

@@ -8,12 +8,12 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from helpers import diffusers_sdxl_pipeline, diffusers_unet, error_of, perturb_norms
+from helpers import diffusers_sdxl_pipeline, diffusers_unet, error_of, saved_model
 
-from booth.checkpoint import infer_config, read_checkpoint, read_safetensors, save_checkpoint, to_layout
+from booth.checkpoint import infer_config, read_checkpoint, read_safetensors, to_layout
 from booth.cli import main
 from booth.config import SDXL, TINY_SDXL
-from booth.model import build, random_weights, size_features, unet_inputs
+from booth.model import build, size_features, unet_inputs
 from booth.pipeline import Settings, StableDiffusion
 
 PROMPT, NEGATIVE, SEED, STEPS = "a photo of a red circle on a blue background", "blurry", 7, 8
@@ -21,12 +21,7 @@ PROMPT, NEGATIVE, SEED, STEPS = "a photo of a red circle on a blue background", 
 
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
-    model = random_weights(TINY_SDXL, seed=11).eval()
-    perturb_norms(model)
-    path = tmp_path_factory.mktemp("sdxl") / "sdxl.safetensors"
-    extras = {"conditioner.embedders.1.model.logit_scale": torch.tensor(4.6)}  # as sd_xl_base_1.0 carries it
-    save_checkpoint({**model.state_dict(), **extras}, path, config=TINY_SDXL, dtype=torch.float32)
-    return path, model
+    return saved_model(TINY_SDXL, 11, tmp_path_factory.mktemp("sdxl") / "sdxl.safetensors")
 
 
 @pytest.fixture(scope="module")
