@@ -25,19 +25,27 @@ FAMILIES = {"sd1": configs.SD1, "sdxl": configs.SDXL}
 LORA = dict(lora=16, gradient_checkpointing=True)
 # "prior": prior preservation with the class images already made (making them is its own, earlier phase)
 RECIPES = [  # (name, TrainConfig fields, whether class images are made)
-    ("LoRA 16 + gradient checkpointing, no prior", dict(LORA, lamb=0), False),
+    ("default (AdamW, fp32 weights), prior", {}, False),
+    (
+        "--optimizer adamw8bit --gradient-checkpointing, prior",
+        dict(optimizer="adamw8bit", gradient_checkpointing=True),
+        False,
+    ),
+    ("--lean, prior", dict(lean=True), False),
+    ("--lean, no prior", dict(lean=True, lamb=0), False),
+    ("--lean -t, prior", dict(lean=True, train_text_encoder=True), False),
     ("LoRA 16 + gradient checkpointing, prior", LORA, False),
-    ("LoRA 16 + gradient checkpointing, prior, class images made", LORA, True),
+    ("LoRA 16 + gradient checkpointing, no prior", dict(LORA, lamb=0), False),
     ("LoRA 16 + gradient checkpointing + --split-prior, prior", dict(LORA, split_prior=True), False),
     ("LoRA 16 --lean, prior", dict(lora=16, lean=True), False),
-    ("full fine-tune --lean, no prior", dict(lean=True, lamb=0), False),
-    ("full fine-tune --lean, prior", dict(lean=True), False),
+    ("LoRA 16 + gradient checkpointing, prior, class images made", LORA, True),
 ]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=sorted(FAMILIES), default="sdxl")
+    p.add_argument("--only", help="the recipes whose name holds this text")
     p.add_argument("--gb", type=int, default=1, help="class images per forward pass (booth's --gb)")
     args = p.parse_args()
     config = FAMILIES[args.family]
@@ -46,6 +54,8 @@ def main() -> None:
     print(f"{'recipe':<62} {'total':>6} {'weights':>8} {'optim':>6} {'step':>6} {'sampling':>8}")
     with mock.patch("torch.cuda.is_bf16_supported", return_value=True):
         for name, fields, generate in RECIPES:
+            if args.only and args.only not in name:
+                continue
             cfg = TrainConfig(class_name="dog", instance_dir=".", generation_batch_size=args.gb, **fields)
             cfg = dataclasses.replace(cfg).resolve(config.sample_size, 0)
             f = forecast(cfg, config, cuda, itemsize=2, photos=5, generate=generate)

@@ -294,6 +294,14 @@ TINY = ModelConfig(
     clip=CLIPConfig(width=128, layers=2, heads=2, intermediate=512),
 )
 
+# SD 2.x at 512 (v2-inference.yaml): SD1's UNet with linear projections and 64-channel heads, attending to OpenCLIP
+# ViT-H's 1024-wide penultimate layer. The 768 ones (v2-inference-v.yaml) are v models: prediction "v", 768.
+SD2 = ModelConfig(
+    unet=dataclasses.replace(SD1.unet, context_dim=1024, num_head_channels=64, linear_proj=True),
+    clip=CLIPConfig(width=1024, layers=24, heads=16, intermediate=4096, act="gelu", projection=1024),
+    text_encoder="openclip",
+)
+
 # SDXL base 1.0 (SGM's sd_xl_base.yaml): a three-level UNet with 2 and 10 transformer blocks at its two lower
 # levels, attending to CLIP-L's and OpenCLIP ViT-bigG's hidden states side by side (768 + 1280).
 SDXL = ModelConfig(

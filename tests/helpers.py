@@ -218,11 +218,10 @@ def saved_model(cfg: ModelConfig, seed: int, path: Path) -> tuple[Path, LatentDi
     return path, model
 
 
-def diffusers_sd2_pipeline(model: LatentDiffusion, tmp, img2img: bool = False):
-    """diffusers' pipeline of the same weights: its UNet and VAE from its single-file converters, its text
-    encoder a CLIPTextModel of one layer less (SD 2.x conditions on the penultimate layer, which diffusers' SD 2.x
-    folders make the last) from diffusers' OpenCLIP converter, its tokenizer padding with "!" (0)."""
-    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+def transformers_sd2_text(model: LatentDiffusion):
+    """SD 2.x's text encoder as diffusers has it: a CLIPTextModel of one layer less (SD 2.x conditions on the
+    penultimate layer through the final norm, which diffusers makes the last layer's output), by diffusers'
+    OpenCLIP converter."""
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -237,8 +236,16 @@ def diffusers_sd2_pipeline(model: LatentDiffusion, tmp, img2img: bool = False):
     missing, unexpected = text.load_state_dict(converted, strict=False)
     assert all("position_ids" in k for k in missing), missing
     assert all(f"layers.{t.layers - 1}." in k or "text_projection" in k for k in unexpected), unexpected
+    return text.eval()
+
+
+def diffusers_sd2_pipeline(model: LatentDiffusion, tmp, img2img: bool = False):
+    """diffusers' pipeline of the same weights: its UNet and VAE from its single-file converters, its text
+    encoder `transformers_sd2_text`'s, its tokenizer padding with "!" (0)."""
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
     cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
-    pipe = cls(vae=diffusers_vae(model), text_encoder=text.eval(), tokenizer=transformers_tokenizer(tmp, pad="!"),
+    pipe = cls(vae=diffusers_vae(model), text_encoder=transformers_sd2_text(model), tokenizer=transformers_tokenizer(tmp, pad="!"),
                unet=diffusers_unet(model), scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None,
                feature_extractor=None, requires_safety_checker=False)  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
