@@ -84,12 +84,14 @@ class UNetConfig:
         object.__setattr__(self, "transformer_depth_middle", middle)
 
     def validate(self) -> None:
-        _positive(self, "in_channels", "out_channels", "model_channels", "num_res_blocks", "num_heads",
-                  "context_dim", "norm_groups")  # fmt: skip
+        _positive(
+            self, "in_channels", "out_channels", "model_channels", "num_heads", "context_dim", "norm_groups"
+        )
+        _positive(self, "num_res_blocks", most=MOST)
         if self.num_head_channels is not None:
             _positive(self, "num_head_channels")
         if self.transformer_depth_middle is not None:
-            _positive(self, "transformer_depth_middle")
+            _positive(self, "transformer_depth_middle", most=MOST)
         if self.adm_in_channels:
             _positive(self, "adm_in_channels")
         self._validate_depth()
@@ -112,7 +114,7 @@ class UNetConfig:
     def _validate_depth(self) -> None:
         d = self.transformer_depth
         if isinstance(d, int):
-            _positive(self, "transformer_depth")
+            _positive(self, "transformer_depth", most=MOST)
             return
         _positive_ints("unet.transformer_depth", d, allow_zero=True)
         if len(d) != len(self.channel_mult):
@@ -139,9 +141,8 @@ class VAEConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
     def validate(self) -> None:
-        _positive(
-            self, "in_channels", "out_ch", "ch", "num_res_blocks", "z_channels", "embed_dim", "norm_groups"
-        )
+        _positive(self, "in_channels", "out_ch", "ch", "z_channels", "embed_dim", "norm_groups")
+        _positive(self, "num_res_blocks", most=MOST)
         _positive_ints("vae.ch_mult", self.ch_mult)
         for width in (self.ch * m for m in self.ch_mult):
             if width % self.norm_groups:
@@ -162,7 +163,13 @@ class CLIPConfig:
     projection: int = 0  # OpenCLIP's text_projection width (SD 2.x: 1024); 0 for SD1's CLIP-L, which has none
 
     def validate(self) -> None:
-        _positive(self, "vocab_size", "width", "layers", "heads", "intermediate", "max_positions")
+        _positive(self, "width", "heads", "intermediate", "max_positions")
+        _positive(self, "vocab_size", most=1 << 20)
+        _positive(self, "layers", most=MOST)
+        if type(self.projection) is not int or not 0 <= self.projection <= WIDEST:
+            raise ValueError(
+                f"projection must be a whole number from 0 to {WIDEST} (got {self.projection!r})"
+            )
         if self.width % self.heads:
             raise ValueError(f"{self.heads} text encoder heads do not divide its width {self.width}")
         if self.vocab_size < 49408 or self.max_positions < 77:  # CLIP's token ids and its 77-token windows
@@ -224,7 +231,7 @@ class ModelConfig:
             raise ValueError(
                 f"the UNet's label_emb takes {self.unet.adm_in_channels} features, the model gives {self.adm_width}"
             )
-        _positive(self, "num_train_timesteps", "sample_size")
+        _positive(self, "num_train_timesteps", "sample_size")  # at most WIDEST: 131072 steps, pixels a side
         if self.sample_size % 8 or self.num_train_timesteps < 2:
             raise ValueError("sample_size must be a multiple of 8 and num_train_timesteps at least 2")
         for name in ("scale_factor", "beta_start", "beta_end", "pyramid_noise"):
@@ -268,18 +275,25 @@ class ModelConfig:
         return cls(**kwargs)
 
 
-def _positive(cfg, *names: str) -> None:
+# Bounds far above any published model's (SDXL: 32 layers of 5120 features), so that a damaged or hostile config
+# is refused before a module tree of its size is built: widths, and counts of layers, blocks and levels
+WIDEST, MOST = 1 << 17, 1 << 8
+
+
+def _positive(cfg, *names: str, most: int = WIDEST) -> None:
     for name in names:
         value = getattr(cfg, name)
         if type(value) is not int or value < 1:
             raise ValueError(f"{name} must be a positive whole number (got {value!r})")
+        if value > most:
+            raise ValueError(f"{name} is {value}, more than any model has (at most {most})")
 
 
 def _positive_ints(name: str, values, allow_empty: bool = False, allow_zero: bool = False) -> None:
-    if not isinstance(values, tuple) or (not values and not allow_empty):
+    if not isinstance(values, tuple) or (not values and not allow_empty) or len(values) > MOST:
         raise ValueError(f"{name} must be a list of positive whole numbers (got {values!r})")
-    if any(type(v) is not int or v < (0 if allow_zero else 1) for v in values):
-        raise ValueError(f"{name} must hold positive whole numbers (got {values!r})")
+    if any(type(v) is not int or v < (0 if allow_zero else 1) or v > MOST for v in values):
+        raise ValueError(f"{name} must hold positive whole numbers up to {MOST} (got {values!r})")
 
 
 SD1 = ModelConfig()

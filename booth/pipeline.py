@@ -90,7 +90,7 @@ class StableDiffusion:
         one was chosen (a fixed fp16 VAE, as a rule) it runs in fp32 beside an fp16 model, as diffusers'
         force_upcast does."""
         if ckpt.vae is not None:
-            self.vae = (ckpt.vae.name, file_hash(ckpt.vae)[:10] if ckpt.vae.is_file() else None)
+            self.vae = (ckpt.vae.name, file_hash(ckpt.vae) if ckpt.vae.is_file() else None)
         elif self.config.family == "sdxl" and self.dtype == torch.float16:
             self._upcast_vae()
 

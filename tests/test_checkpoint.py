@@ -438,6 +438,8 @@ def stored_config(sd, path, **changes):
         ({"clip.heads": 5}, "5 text encoder heads do not divide its width 128"),
         ({"unet.channel_mult": []}, "channel_mult"),
         ({"vae.ch": True}, "ch must be a positive whole number"),
+        ({"clip.layers": 10**12}, "layers is 1000000000000, more than any model has"),
+        ({"unet.num_res_blocks": 10**6}, "num_res_blocks is 1000000, more than any model has"),
         ({"unet.norm_groups": 7}, "not a multiple of 7 groups"),
     ],
 )

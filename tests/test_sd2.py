@@ -146,3 +146,37 @@ def test_an_unmarked_sd2_file_is_told_v_or_eps_by_running_its_unet(sd2, tmp_path
     save_file(tensors, str(path))  # no booth header, no v_pred key
     for cfg in (read_config(path), read_checkpoint(path, lazy=True).config):
         assert (cfg.prediction, cfg.sample_size) == (prediction, size)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ({"num_hidden_layers": 10**30}, "layers is 1000000000000000000000000000000, more than any model has"),
+        ({"hidden_size": "x"}, "width must be a positive whole number"),
+        (b'{"hidden_size": "\xff"}', "config.json is not valid JSON"),
+        ("drop layer 0", "is missing the weight text_model.encoder.layers.0.self_attn.q_proj.weight"),
+    ],
+    ids=["huge", "not-a-number", "invalid-utf8", "missing-weights"],
+)
+def test_a_damaged_sd2_diffusers_folder_is_one_line_and_nothing_is_made(
+    sd2, tmp_path, capsys, damage, message
+):
+    """Refused from its config before a module of its size is built (10**30 layers once took all memory)."""
+    import json
+
+    import safetensors.torch
+    from helpers import error_of
+
+    folder = tmp_path / "sd2-folder"
+    diffusers_sd2(sd2[1], tmp_path / "tok").save_pretrained(folder)
+    config, weights = folder / "text_encoder" / "config.json", folder / "text_encoder" / "model.safetensors"
+    if isinstance(damage, dict):
+        config.write_text(json.dumps({**json.loads(config.read_text()), **damage}))
+    elif isinstance(damage, bytes):
+        config.write_bytes(damage)
+    else:
+        kept = {k: v for k, v in safetensors.torch.load_file(weights).items() if ".layers.0." not in k}
+        safetensors.torch.save_file(kept, weights)
+    assert main(["txt2img", "-c", str(folder), "-p", PROMPT, "-o", str(tmp_path / "o")]) == 1
+    assert message in error_of(capsys)
+    assert not (tmp_path / "o").exists()
