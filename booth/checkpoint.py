@@ -30,7 +30,7 @@ import torch
 
 from . import openclip
 from .atomic import atomic_path
-from .config import SDXL, CLIPConfig, ModelConfig, UNetConfig, VAEConfig
+from .config import SD1, SDXL, CLIPConfig, ModelConfig, UNetConfig, VAEConfig
 from .errors import BoothError, first_line
 from .formats import (
     PICKLE_SUFFIXES,
@@ -595,12 +595,12 @@ def read_diffusers(folder: Path, lazy: bool = False) -> Checkpoint:
     if not any(k.startswith("text_model.") for k in parts["text_encoder"]):  # newer transformers flatten it
         parts["text_encoder"] = {"text_model." + k: v for k, v in parts["text_encoder"].items()}
     rules, sd, missing = diffusers_rules(cfg), {}, []
-    openclip = {
+    towers = {
         "sdxl": (SDXL_COMPONENT, cfg.clip2, SDXL_OPENCLIP),
         "openclip": ("text_encoder", cfg.clip, OPENCLIP),
     }
-    if cfg.text_encoder in openclip:
-        component, clip, prefix = openclip[cfg.text_encoder]
+    if cfg.text_encoder in towers:  # OpenCLIP's weights, from transformers' names
+        component, clip, prefix = towers[cfg.text_encoder]
         try:
             sd.update(_openclip_weights(parts[component], clip, prefix))
         except KeyError as e:
@@ -704,10 +704,8 @@ def diffusers_config(folder: Path) -> ModelConfig:
         raw[name] = _json(folder / name / "config.json")
         parts[name] = _diffusers_part(folder / name / "config.json", part_config)
     xl = (folder / SDXL_COMPONENT / "config.json").is_file()
-    clip, sd2 = (
-        parts["text_encoder"],
-        not xl and parts["text_encoder"].act == "gelu",
-    )  # OpenCLIP's, not CLIP-L's
+    clip = parts["text_encoder"]
+    sd2 = not xl and clip.act == "gelu"  # OpenCLIP's activation, not CLIP-L's
     if sd2:  # diffusers dropped OpenCLIP's last layer and projection (_dropped); ViT-H's projection is square
         clip = dataclasses.replace(clip, layers=clip.layers + 1, projection=clip.width)
     cfg = ModelConfig(
@@ -718,7 +716,7 @@ def diffusers_config(folder: Path) -> ModelConfig:
         scale_factor=raw["vae"].get("scaling_factor", 0.18215),
         prediction=_prediction(folder),
         zero_snr=_scheduler(folder).get("rescale_betas_zero_snr") is True,
-        sample_size=_sample_size(raw["unet"], parts["vae"]),
+        sample_size=_sample_size(raw["unet"], parts["vae"], (SDXL if xl else SD1).sample_size),
     )
     if xl:
         clip2 = _diffusers_part(folder / SDXL_COMPONENT / "config.json", _diffusers_openclip)
@@ -726,11 +724,11 @@ def diffusers_config(folder: Path) -> ModelConfig:
     return checked(cfg, str(folder))
 
 
-def _sample_size(unet: dict, vae: VAEConfig) -> int:
-    """The image side a diffusers UNet config says the model was trained at (its latent side, 8 pixels each),
-    or SD1's 512 where it says nothing usable."""
+def _sample_size(unet: dict, vae: VAEConfig, default: int) -> int:
+    """The image side a diffusers UNet config says the model was trained at (its latent side times the VAE's
+    downscale), or the family's `default` where it says nothing usable."""
     latent = unet.get("sample_size")
-    return latent * 2 ** (len(vae.ch_mult) - 1) if type(latent) is int and 0 < latent <= 1024 else 512
+    return latent * vae.downscale if type(latent) is int and 0 < latent <= 1024 else default
 
 
 def _diffusers_part(path: Path, part_config):

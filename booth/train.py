@@ -91,9 +91,7 @@ def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, n_instance: int, l
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if weights is not None:
         per_sample = per_sample * weights
-    zero = per_sample.new_zeros(
-        ()
-    )  # for a batch of class rows only (--split-prior), or of instance rows only
+    zero = per_sample.new_zeros(())  # a batch of class rows only (--split-prior), or of instance rows only
     instance = per_sample[:n_instance].mean() if n_instance else zero
     prior = per_sample[n_instance:].mean() if len(per_sample) > n_instance else zero
     return instance + lamb * prior, instance, prior
@@ -902,10 +900,8 @@ def _trace_step(cfg: TrainConfig, model, params: list, amp_dtype, mode, on: torc
     device = next(model.parameters()).device
     workspace = memory.cpu_workspace if on.type == "cpu" else None
     with mode, torch.device(device), memory.LiveBytes(model.parameters(), workspace) as live:
-        with torch.no_grad():
-            model.vae.encode(
-                torch.empty(1, 3, h, w, dtype=next(model.vae.parameters()).dtype)
-            )  # one at a time
+        with torch.no_grad():  # one image at a time, as Batches encodes them
+            model.vae.encode(torch.empty(1, 3, h, w, dtype=next(model.vae.parameters()).dtype))
         ids = tokenize(get_tokenizer(), model.config, ["", ""])
         alphas = torch.linspace(0.999, 0.001, model.config.num_train_timesteps)
         for i in range(micro):
