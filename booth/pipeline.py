@@ -7,6 +7,7 @@ device, or on whether diffusers or booth made it (same weights, same sampler).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -59,14 +60,13 @@ class StableDiffusion:
         self.model, self.device, self.dtype = model, torch.device(device), dtype
         self.config = model.config
         self.name, self.model_hash, self.low_memory = name, model_hash, low_memory
-        self.vae: tuple[str, str | None] | None = (
-            None  # (name, hash) of a VAE of its own (--vae), for PNG metadata
-        )
+        self.vae: tuple[str, str | None] | None = None  # (name, hash) of a VAE of its own (--vae), for PNGs
         self.loras: list[tuple[str, str]] = []  # (name, hash) of the LoRAs in the weights, for PNG metadata
         self._loras: list[tuple[LoRA, float]] = []  # merged into each network as it is read
         self._originals: dict[str, torch.Tensor] = {}  # the base tensors those LoRAs replaced
         self._stubs: dict[str, Stub | torch.Tensor] | None = None  # where the networks are read (again) from
         self._cache: dict[str, tuple] = {}  # the last prompt's embeddings, the last input image's posterior
+        self._keep_prompts = False  # see prompts_kept
         self.vae_dtype = dtype  # what the VAE runs in (fp32 where it would overflow in fp16)
         self.tokenizer = get_tokenizer()
         self.schedule = self._schedule(self.config.zero_snr)
@@ -211,9 +211,20 @@ class StableDiffusion:
         out = tuple(
             {k: v[rows] for k, v in emb.items()} for rows in (slice(len(prompts)), slice(len(prompts), None))
         )
-        if self._stubs is not None:  # a model in memory may be training: its embeddings are not kept
+        if self._stubs is not None or self._keep_prompts:
             self._cache["prompt"] = (key, out)
         return out
+
+    @contextlib.contextmanager
+    def prompts_kept(self) -> Iterator[None]:
+        """Keep the last prompt's embeddings, as a model read from a file always does, while the text encoder of
+        one in memory, which may be training, is known to stay as it is; forget them after."""
+        self._keep_prompts = True
+        try:
+            yield
+        finally:
+            self._keep_prompts = False
+            self._cache.pop("prompt", None)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:

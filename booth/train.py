@@ -350,8 +350,9 @@ def run_dtypes(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | No
 
 
 def parks_text_encoder(cfg: TrainConfig, device: torch.device) -> bool:
-    """Whether a frozen text encoder leaves the GPU once the prompts are encoded (SDXL's two hold 1.6 GB in fp16),
-    for the previews to run it in host memory."""
+    """Whether a frozen text encoder leaves the GPU once the prompts are encoded (SDXL's two hold 1.6 GB in fp16):
+    while the class images are sampled (_prompt_kept), and for the whole training, the previews running it in
+    host memory."""
     return device.type == "cuda" and not (cfg.train_text_encoder or (cfg.lora and cfg.lora_text_encoder))
 
 
@@ -415,7 +416,7 @@ def _generate_class_images(cfg: TrainConfig, folder: Path, todo: list[int], base
     bar = tqdm(total=len(mine), desc=f"class images ({dist.rank})" if dist.world > 1 else "class images",
                unit="img", file=sys.stderr, disable=not mine)  # fmt: skip
     seed0 = cfg.seed + 1_000_000  # keep class-image seeds apart from preview seeds
-    with bar:
+    with bar, _prompt_kept(sd, cfg, s, amp, dist.device):
         for block in blocks:
             batch = list(range(block * gb, min((block + 1) * gb, cfg.class_img_count)))
             with amp:
@@ -426,6 +427,25 @@ def _generate_class_images(cfg: TrainConfig, folder: Path, todo: list[int], base
                         image, folder / f"{i:04d}.png", parameters_text(sd, cfg.class_text, "", s, seed0 + i)
                     )
             bar.update(len([i for i in batch if i in wanted]))
+
+
+@contextlib.contextmanager
+def _prompt_kept(sd, cfg: TrainConfig, s, amp, device: torch.device) -> Iterator[None]:
+    """Where a frozen text encoder is parked (parks_text_encoder), the class prompt is encoded once and the
+    encoder waits in host memory while the images are sampled (SDXL's two: 1.6 GB of the GPU in fp16); it comes
+    back for the training prompts, which it encodes where it always does, so a run's bytes do not depend on
+    whether it made class images."""
+    if not parks_text_encoder(cfg, device):
+        yield
+        return
+    with sd.prompts_kept():
+        try:
+            with amp:
+                sd.encode_prompt(cfg.class_text, "", s.clip_skip)
+            sd.model.text_encoder.to("cpu")
+            yield
+        finally:
+            sd.model.text_encoder.to(device)
 
 
 def prefetch(device: torch.device) -> bool:
@@ -791,9 +811,9 @@ def forecast(cfg: TrainConfig, config: ModelConfig, device: torch.device, itemsi
     if cfg.sample_every:  # the previews (two images) sample beside the optimizer's state
         peak = max(peak, memory.sampling_bytes(config, h, w, 2, frozen.itemsize, True, encode=False))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    if parks_text_encoder(cfg, device):  # on the device while the class images are made, not while training
+    if parks_text_encoder(cfg, device):  # on the device only while it encodes the prompts (_prompt_kept)
         text = sum(p.numel() * p.element_size() for p in model.text_encoder.parameters())
-        weights, sampling = weights - text, sampling + text if generate else 0
+        weights, sampling = weights - text, max(sampling, text)
     out = Forecast(weights, state, peak + transient if cfg.fused_backward else max(peak, end + transient),
                    sampling)  # fmt: skip
     if device.type == "cpu":  # what the run keeps in host memory is on the device too

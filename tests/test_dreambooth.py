@@ -723,6 +723,28 @@ def test_frozen_networks_keep_the_base_values(tmp_path):
                 assert saved[k].dtype == expect and torch.equal(saved[k], v.to(expect)), k
 
 
+def test_a_parked_text_encoder_encodes_the_class_prompt_once_and_the_run_is_the_same(
+    base, tmp_path, monkeypatch
+):
+    """Where the frozen text encoder leaves the GPU (parks_text_encoder, on CUDA; forced here), the class prompt is
+    encoded once for all the class images, which keep their bytes, as does the checkpoint."""
+    import booth.pipeline
+    import booth.train
+
+    calls, real = [], booth.pipeline.encode_text
+    monkeypatch.setattr(booth.pipeline, "encode_text", lambda *a, **k: calls.append(1) or real(*a, **k))
+    args = ["--iterations", "1", "--gb", "1", "--save-precision", "fp32"]
+    plain = dreambooth(base, tmp_path / "plain", *args) / "run0"
+    assert len(calls) == 4, "once per batch of class images"
+    monkeypatch.setattr(booth.train, "parks_text_encoder", lambda cfg, device: True)
+    parked = dreambooth(base, tmp_path / "parked", *args) / "run0"
+    assert len(calls) == 5, "once for all of them"
+    for a in sorted((plain / "class-imgs").glob("*.png")):
+        assert a.read_bytes() == (parked / "class-imgs" / a.name).read_bytes(), a.name
+    name = "step-000001.safetensors"
+    assert (plain / "ckpts" / name).read_bytes() == (parked / "ckpts" / name).read_bytes()
+
+
 def test_class_images_are_topped_up_not_redone(base, tmp_path):
     from PIL import Image
 
