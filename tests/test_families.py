@@ -54,6 +54,42 @@ def pixels(images) -> np.ndarray:
     return np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])
 
 
+def test_diffusers_from_single_file_reads_booths_file_to_the_same_images(family, tmp_path):
+    """The file booth writes is one diffusers' from_single_file reads (its configs from a local folder)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    name, path, model = family
+    diffusers_of(name, model, tmp_path).save_pretrained(tmp_path / "config")
+    cls = StableDiffusionXLPipeline if name == "sdxl" else StableDiffusionPipeline
+    pipe = cls.from_single_file(str(path), config=str(tmp_path / "config"), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(SEED)]
+    theirs = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=7.5,
+                  height=32, width=48, generator=gens, output_type="np").images  # fmt: skip
+    settings = Settings(steps=STEPS, sampler="ddim", schedule="uniform", scale=7.5, height=32, width=48)
+    ours = pixels(StableDiffusion.from_pretrained(str(path)).txt2img(PROMPT, NEGATIVE, [SEED], settings))
+    diff = np.abs(ours - theirs)
+    assert diff.max() <= 2 / 255 and diff.mean() < 1e-3, f"max {diff.max() * 255:.1f}/255"
+
+
+def test_a_long_prompt_is_encoded_in_chunks_by_each_encoder(family):
+    """Past 75 tokens, each encoder (SDXL's both) encodes 77-token chunks on their own, side by side; SDXL's
+    pooled embedding is the first chunk's."""
+    from booth.model import encode_text, tokenize
+    from booth.tokenizer import get_tokenizer
+
+    _, _, model = family
+    ids = tokenize(get_tokenizer(), model.config, [" ".join(["a red circle on a blue square"] * 20)])
+    assert ids.shape[-1] == 154
+    with torch.no_grad():
+        whole = encode_text(model.text_encoder, ids)
+        first, second = (encode_text(model.text_encoder, part) for part in (ids[..., :77], ids[..., 77:]))
+    torch.testing.assert_close(whole["context"], torch.cat([first["context"], second["context"]], dim=1))
+    assert not torch.equal(first["context"], second["context"])
+    if "pooled" in whole:
+        torch.testing.assert_close(whole["pooled"], first["pooled"])
+
+
 def test_img2img_equals_diffusers(family, tmp_path):
     """SDXL's size conditioning follows the input image, as diffusers' StableDiffusionXLImg2ImgPipeline's."""
     name, path, model = family

@@ -1,7 +1,8 @@
 """SDXL (issue 13): a model in SGM's layout (`conditioner.embedders.0.transformer.*` CLIP-L,
 `conditioner.embedders.1.model.*` OpenCLIP bigG, a UNet with label_emb and per-level depths) loads from a single
 file with strict=True, and its UNet, its conditioning and its images equal diffusers' StableDiffusionXLPipeline
-on the same weights; diffusers' own from_single_file reads booth's file to the same images."""
+on the same weights (tests/test_families.py: diffusers' own from_single_file reads booth's file to the same
+images)."""
 
 import dataclasses
 
@@ -104,24 +105,6 @@ def test_sdxl_images_equal_diffusers(sdxl, theirs, negative):
     ours = np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])
     diff = np.abs(ours - ref)
     assert diff.max() <= 2 / 255 and diff.mean() < 1e-3, f"max {diff.max() * 255:.1f}/255"
-
-
-def test_diffusers_from_single_file_reads_booths_sdxl_file_to_the_same_images(sdxl, theirs, tmp_path):
-    """The file booth writes is one diffusers' from_single_file reads (its configs from a local folder)."""
-    from diffusers import StableDiffusionXLPipeline
-
-    path, _ = sdxl
-    theirs.save_pretrained(tmp_path / "config")
-    pipe = StableDiffusionXLPipeline.from_single_file(str(path), config=str(tmp_path / "config"),
-                                                      local_files_only=True)  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    gens = [torch.Generator().manual_seed(SEED)]
-    ref = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=7.5, height=32,
-               width=32, generator=gens, output_type="np").images  # fmt: skip
-    settings = Settings(steps=STEPS, sampler="ddim", schedule="uniform", height=32, width=32)
-    ours = StableDiffusion.from_pretrained(str(path)).txt2img(PROMPT, NEGATIVE, [SEED], settings)[0]
-    diff = np.abs(np.asarray(ours, dtype=np.float32) / 255 - ref[0])
-    assert diff.max() <= 2 / 255, f"max {diff.max() * 255:.1f}/255"
 
 
 def test_the_cli_renders_an_sdxl_file(sdxl, tmp_path, capsys):
