@@ -334,7 +334,7 @@ class TrainConfig(Loop, Noise):
     gradient_checkpointing: bool | None = None
     # the class images' pass after the subject's, not in one batch: half the UNet's activations, which matters
     # without gradient checkpointing. Not part of --lean: with --fused-backward the first pass's gradients would
-    # all be kept for the second (SDXL at 1024x1024, --lean: 8.9 GB forecast with prior, 12.1 GB split)
+    # all be kept for the second (SDXL at 1024x1024, --lean: 8.1 GB forecast with prior, 12.1 GB split)
     split_prior: bool = False
     cache_latents: bool = False
     sample_prompt: str | None = None  # None: the instance prompt
