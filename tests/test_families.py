@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import (
+    DOG,
     TINY_SD2,
     diffusers_sd2_pipeline,
     diffusers_sdxl_pipeline,
@@ -165,7 +166,7 @@ def test_evaluate_scores_the_base_and_each_checkpoint(run, tmp_path):
                            patch_size=32, image_size=224), projection_dim=16)).save_pretrained(tmp_path / "clip")  # fmt: skip
     (tmp_path / "prompts.txt").write_text("a {} on the beach\n")
     out = tmp_path / "eval"
-    assert main(["evaluate", str(run), "--subject-dir", str(Path(__file__).parent / "data" / "dog"), "-c", "dog",
+    assert main(["evaluate", str(run), "--subject-dir", str(DOG), "-c", "dog",
                  "--dino-model", str(tmp_path / "dino"), "--clip-model", str(tmp_path / "clip"), "--metric", "paper",
                  "--prompts", str(tmp_path / "prompts.txt"), "--images-per-prompt", "1", "--steps", "2",
                  "-o", str(out)]) == 0  # fmt: skip

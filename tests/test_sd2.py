@@ -23,10 +23,6 @@ def sd2(tmp_path_factory):
     return saved_model(SD2_TINY, 6, tmp_path_factory.mktemp("sd2") / "sd2.safetensors")
 
 
-def diffusers_sd2(model, tmp):
-    return diffusers_sd2_pipeline(model, tmp)
-
-
 def test_an_sd2_file_loads_strictly_under_the_original_names(sd2):
     path, model = sd2
     ckpt = read_checkpoint(path)
@@ -43,7 +39,7 @@ def test_sd2_images_equal_diffusers(sd2, tmp_path, source):
     OpenCLIP's last layer and projection, as diffusers' SD 2.x folders do)."""
     path, model = sd2
     gens = [torch.Generator().manual_seed(SEED + i) for i in range(2)]
-    pipe = diffusers_sd2(model, tmp_path / "tok")
+    pipe = diffusers_sd2_pipeline(model, tmp_path / "tok")
     theirs = pipe(
         prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=7.5, height=32, width=48,
         generator=gens, num_images_per_prompt=2, output_type="np",
@@ -110,7 +106,7 @@ def test_an_sd2_diffusers_folder_reads_as_its_single_file_with_openclips_last_la
     from booth.model import encode_text
 
     path, model = sd2
-    diffusers_sd2(model, tmp_path / "tok").save_pretrained(tmp_path / "sd2-folder")
+    diffusers_sd2_pipeline(model, tmp_path / "tok").save_pretrained(tmp_path / "sd2-folder")
     ckpt = read_diffusers(tmp_path / "sd2-folder", lazy=lazy)
     assert ckpt.config.text_encoder == "openclip" and ckpt.config.clip.layers == TEXT.layers
     built = build(ckpt.config, device="cpu")
@@ -168,7 +164,7 @@ def test_a_damaged_sd2_diffusers_folder_is_one_line_and_nothing_is_made(
     from helpers import error_of
 
     folder = tmp_path / "sd2-folder"
-    diffusers_sd2(sd2[1], tmp_path / "tok").save_pretrained(folder)
+    diffusers_sd2_pipeline(sd2[1], tmp_path / "tok").save_pretrained(folder)
     config, weights = folder / "text_encoder" / "config.json", folder / "text_encoder" / "model.safetensors"
     if isinstance(damage, dict):
         config.write_text(json.dumps({**json.loads(config.read_text()), **damage}))
